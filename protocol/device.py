@@ -1,0 +1,95 @@
+"""The Device interface: the one seam between a training host and any device.
+
+The in-process emulator, the socket client to a daemon and a real-hardware backend all satisfy
+``Device``. A host that only uses these members runs unchanged on each of them.
+
+Units: durations are in device time constants tau (RC). ``RunResult.analog_time_s`` converts
+the analog time a run took into seconds on the device's declared tau.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .drift import Drift
+
+
+@dataclass(frozen=True, eq=False)
+class RunResult:
+    """What a run returns.
+
+    Attributes:
+        mean: time average of the ADC readout over the window [burn_in, duration], shape (N,).
+        state: the analog state at the end of the run (shape of ``Device.state``).
+        samples: with ``samples=K``, K readouts evenly spaced over the window, shape (K, N).
+        second_moment: with ``second_moment=True``, the window average of x x^T, shape (N, N).
+        analog_time_s: analog time spent by the run (delay + duration), in seconds.
+        diagnostics: free-form numbers about the run (sample count, step size, method, ...).
+    """
+
+    mean: np.ndarray
+    state: np.ndarray
+    samples: np.ndarray | None = None
+    second_moment: np.ndarray | None = None
+    analog_time_s: float = 0.0
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Device(Protocol):
+    """A stochastic processing unit, as a host sees it."""
+
+    def info(self) -> dict[str, Any]:
+        """Capabilities: cells, dynamics, drift forms, limits, tau, versions."""
+        ...
+
+    def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
+        """Load a drift and the bias b (zeros when None). Invalid input raises and changes nothing."""
+        ...
+
+    def run(
+        self,
+        duration: float,
+        *,
+        burn_in: float = 0.0,
+        delay: float = 0.0,
+        reset: bool = False,
+        samples: int = 0,
+        second_moment: bool = False,
+    ) -> RunResult:
+        """Evolve for ``delay`` under the previous drift, then ``duration`` under the current one.
+
+        The readout window is [burn_in, duration] of the second phase. Warm start is the default:
+        the run continues from the current state; ``reset=True`` starts from zero.
+        """
+        ...
+
+    def step(
+        self,
+        drift: Drift,
+        bias: np.ndarray | None,
+        duration: float,
+        *,
+        burn_in: float = 0.0,
+        delay: float = 0.0,
+        reset: bool = False,
+        samples: int = 0,
+        second_moment: bool = False,
+    ) -> RunResult:
+        """program + run in one call (one round trip on the wire): the TNGD hot path."""
+        ...
+
+    @property
+    def state(self) -> np.ndarray:
+        """The analog state (a copy)."""
+        ...
+
+    @state.setter
+    def state(self, value: np.ndarray) -> None: ...
+
+    def close(self) -> None:
+        """Release the device (a no-op in-process; ends the session on a daemon)."""
+        ...

@@ -1,0 +1,139 @@
+"""Error codes and the typed exceptions that carry them.
+
+Every failure a device can report has a stable string code. The code travels on the wire (the
+reply's ``error.code``) and the client re-raises the matching exception class, so a host sees the
+same exception type whether the device is in-process, behind a socket, or a real board.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes; documented one by one in docs/protocol.md."""
+
+    INVALID_INPUT = "invalid_input"  # generic malformed argument
+    SHAPE_MISMATCH = "shape_mismatch"  # arrays whose shapes do not fit together
+    NON_FINITE = "non_finite"  # NaN or Inf in an array or a scalar
+    NOT_STABLE = "not_stable"  # drift not positive-stable / curvature not PSD
+    CAPACITY = "capacity"  # dimension above the device's cell count or limits
+    NOT_PROGRAMMED = "not_programmed"  # run before any program
+    PROFILE = "profile"  # invalid profile / configuration key
+    UNSUPPORTED = "unsupported"  # operation or drift form this device does not offer
+    PROTOCOL = "protocol"  # malformed message, bad framing
+    VERSION = "version"  # incompatible protocol version
+    TOO_LARGE = "too_large"  # message or array over the configured limit
+    UNKNOWN_OPERATION = "unknown_operation"
+    UNKNOWN_SESSION = "unknown_session"
+    STALE_REQUEST = "stale_request"  # sequence number older than the last one served
+    BUSY = "busy"  # work queue full; retry later
+    TIMEOUT = "timeout"  # no reply within the deadline (raised client-side)
+    AUTH = "auth"  # authentication failed
+    INTERNAL = "internal"  # a bug in the device; the daemon keeps serving
+
+
+class DeviceError(Exception):
+    """Base class of every error a Device raises; ``code`` is an ErrorCode."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidInputError(DeviceError, ValueError):
+    code = ErrorCode.INVALID_INPUT
+
+
+class ShapeError(InvalidInputError):
+    code = ErrorCode.SHAPE_MISMATCH
+
+
+class NonFiniteError(InvalidInputError):
+    code = ErrorCode.NON_FINITE
+
+
+class NotStableError(InvalidInputError):
+    code = ErrorCode.NOT_STABLE
+
+
+class CapacityError(InvalidInputError):
+    code = ErrorCode.CAPACITY
+
+
+class ProfileError(InvalidInputError):
+    code = ErrorCode.PROFILE
+
+
+class NotProgrammedError(DeviceError, RuntimeError):
+    code = ErrorCode.NOT_PROGRAMMED
+
+
+class UnsupportedError(DeviceError, NotImplementedError):
+    code = ErrorCode.UNSUPPORTED
+
+
+class ProtocolError(DeviceError):
+    code = ErrorCode.PROTOCOL
+
+
+class VersionError(ProtocolError):
+    code = ErrorCode.VERSION
+
+
+class TooLargeError(ProtocolError):
+    code = ErrorCode.TOO_LARGE
+
+
+class UnknownOperationError(ProtocolError):
+    code = ErrorCode.UNKNOWN_OPERATION
+
+
+class UnknownSessionError(DeviceError):
+    code = ErrorCode.UNKNOWN_SESSION
+
+
+class StaleRequestError(DeviceError):
+    code = ErrorCode.STALE_REQUEST
+
+
+class BusyError(DeviceError):
+    code = ErrorCode.BUSY
+
+
+class DeviceTimeoutError(DeviceError, TimeoutError):
+    code = ErrorCode.TIMEOUT
+
+
+class AuthError(DeviceError):
+    code = ErrorCode.AUTH
+
+
+class InternalError(DeviceError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[DeviceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInputError, ShapeError, NonFiniteError, NotStableError, CapacityError, ProfileError,
+        NotProgrammedError, UnsupportedError, ProtocolError, VersionError, TooLargeError,
+        UnknownOperationError, UnknownSessionError, StaleRequestError, BusyError,
+        DeviceTimeoutError, AuthError, InternalError,
+    )
+}
+
+
+def error_class(code: ErrorCode | str) -> type[DeviceError]:
+    """The exception class for a code; unknown codes map to DeviceError (forward compatible)."""
+    try:
+        return _BY_CODE[ErrorCode(code)]
+    except ValueError:
+        return DeviceError

@@ -1,0 +1,215 @@
+"""Device profiles: frozen dataclasses loaded from TOML and validated on load.
+
+A profile is a tree of sections (``[device]``, ``[integrator]``, ``[noise]``, ...). Every key has
+a default (the defaults are the ideal device), a unit, and an allowed range; an error names the
+key and its range. ``load_profile("ideal")`` reads ``configs/ideal.toml``; a path reads that file;
+``overrides={"noise.kappa": 0.01}`` changes keys after the file, validated the same way.
+
+Units: times in tau (the device time constant), voltages in volts unless a key says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ProfileError
+
+K_BOLTZMANN = 1.380649e-23  # J/K, exact (SI 2019)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BUILTIN_PROFILES = ("ideal", "tngd-paper", "spu-8cell", "noisy")
+
+
+def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, choices: tuple[Any, ...] | None = None, optional: bool = False) -> Any:
+    """A profile key: default, docstring, and its validation rule."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices,
+            "optional": optional}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    cells: int = _key(4096, "number of analog cells (the largest N a drift may have)", lo=1, hi=1 << 24)
+    dynamics: str = _key("overdamped", "cell dynamics", choices=("overdamped", "underdamped"))
+    tau_s: float = _key(1e-6, "device time constant tau = RC, in seconds", lo=0.0, lo_open=True)
+    max_duration: float = _key(1e7, "longest single run accepted, in tau", lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class IntegratorSection:
+    method: str = _key("exact", "integrator: exact (linear time-invariant only), euler_maruyama, "
+                       "heun (overdamped), baoab (underdamped)",
+                       choices=("exact", "euler_maruyama", "heun", "baoab"))
+    dt: float = _key(0.01, "time step of the stepping integrators, in tau (an upper bound: the "
+                     "step is shrunk so readout times fall on the grid)", lo=0.0, lo_open=True, hi=10.0)
+
+
+@dataclass(frozen=True)
+class NoiseSection:
+    temperature_K: float = _key(300.0, "cell temperature, kelvin", lo=0.0)
+    capacitance_F: float = _key(1e-9, "cell capacitance, farad (sets kT/C)", lo=0.0, lo_open=True)
+    full_scale_V: float = _key(1.0, "voltage that the value 1.0 maps to, volt", lo=0.0, lo_open=True)
+    kappa: float | None = _key(None, "noise strength kappa in (full-scale units)^2; when set it "
+                               "replaces k_B T / (C full_scale_V^2)", lo=0.0, optional=True)
+
+
+@dataclass(frozen=True)
+class UnderdampedSection:
+    inductance: float = _key(1.0, "cell inductance L, in units where tau and C are 1", lo=0.0, lo_open=True)
+    resistance: float = _key(1.0, "cell resistance R (friction 1/R), same units", lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class MismatchSection:
+    seed: int = _key(0, "chip id: seeds every static (per-chip) error", lo=0, hi=2**63 - 1)
+    coupling_rel_std: float = _key(0.0, "relative std of each programmed coupling conductance", lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class AdcSection:
+    bits: int = _key(0, "ADC resolution in bits; 0 = ideal (no quantization)", lo=0, hi=32)
+    sample_interval: float = _key(0.1, "ADC sample interval, in tau (the readout grid)", lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated device profile. ``name`` is the built-in name or the file stem."""
+
+    name: str = "ideal"
+    device: DeviceSection = DeviceSection()
+    integrator: IntegratorSection = IntegratorSection()
+    noise: NoiseSection = NoiseSection()
+    underdamped: UnderdampedSection = UnderdampedSection()
+    mismatch: MismatchSection = MismatchSection()
+    adc: AdcSection = AdcSection()
+
+    @property
+    def kappa(self) -> float:
+        """Noise strength in full-scale units: the override, else k_B T / (C V_fs^2)."""
+        if self.noise.kappa is not None:
+            return float(self.noise.kappa)
+        n = self.noise
+        return K_BOLTZMANN * n.temperature_K / (n.capacitance_F * n.full_scale_V**2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def nonideal_keys(self) -> list[str]:
+        """Keys set to a non-ideal value that this emulator build does not model yet."""
+        out = []
+        if self.mismatch.coupling_rel_std != 0.0:
+            out.append("mismatch.coupling_rel_std")
+        if self.adc.bits != 0:
+            out.append("adc.bits")
+        return out
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default.__class__ for f in dataclasses.fields(Profile)
+                              if f.name != "name"}
+
+
+def _check_value(where: str, value: Any, f: dataclasses.Field) -> Any:
+    meta = f.metadata
+    default = f.default
+    if value is None:
+        if meta.get("optional"):
+            return None
+        raise ProfileError(f"{where}: a value is required")
+    expected = type(default) if default is not None else float
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ProfileError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{where}: expected an integer, got {value!r}")
+    elif expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProfileError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProfileError(f"{where}: must be finite, got {value}")
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ProfileError(f"{where}: expected a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ProfileError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None or hi is not None:
+        lo_open = meta.get("lo_open", False)
+        low_ok = lo is None or (value > lo if lo_open else value >= lo)
+        if not low_ok or (hi is not None and value > hi):
+            rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ProfileError(f"{where} = {value!r} is out of range {rng}")
+    return value
+
+
+def _build_section(cls: type, section: str, data: Mapping[str, Any], source: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{source}: [{section}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ProfileError(f"{source}: unknown key {section}.{unknown[0]} "
+                           f"(known: {', '.join(sorted(fields))})")
+    values = {name: _check_value(f"{source}: {section}.{name}", data[name], f)
+              for name, f in fields.items() if name in data}
+    return cls(**values)
+
+
+def profile_from_dict(data: Mapping[str, Any], *, name: str = "custom", source: str | None = None) -> Profile:
+    """Build and validate a Profile from a nested dict (the parsed TOML)."""
+    source = source or f"profile {name!r}"
+    unknown = sorted(set(data) - set(_SECTIONS) - {"name"})
+    if unknown:
+        raise ProfileError(f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})")
+    sections = {sec: _build_section(cls, sec, data.get(sec, {}), source) for sec, cls in _SECTIONS.items()}
+    return Profile(name=str(data.get("name", name)), **sections)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> None:
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if len(parts) != 2:
+            raise ProfileError(f"{source}: override key {dotted!r} must look like 'section.key'")
+        section, key = parts
+        if section not in _SECTIONS:
+            raise ProfileError(f"{source}: unknown section in override {dotted!r} (known: {', '.join(_SECTIONS)})")
+        data.setdefault(section, {})[key] = value
+
+
+def load_profile(name_or_path: str | Path = "ideal", overrides: Mapping[str, Any] | None = None) -> Profile:
+    """Load a built-in profile by name, or a TOML file by path, then apply ``overrides``.
+
+    Args:
+        name_or_path: "ideal", "tngd-paper", "spu-8cell", "noisy", or a path to a .toml file.
+        overrides: {"section.key": value}, validated like the file.
+
+    Raises:
+        ProfileError: unknown profile, unknown key, wrong type, or value out of range (the message
+            names the key and the allowed range).
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            available = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+            raise ProfileError(f"unknown profile {str(name_or_path)!r} (built-in: {', '.join(available)})")
+    elif not path.is_file():
+        raise ProfileError(f"profile file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {path.name}: invalid TOML ({exc})") from exc
+    source = f"profile {path.stem!r}"
+    if overrides:
+        _apply_overrides(data, overrides, source)
+    return profile_from_dict(data, name=path.stem, source=source)
