@@ -231,3 +231,21 @@ def underdamped_system(drift: Drift, b: np.ndarray, kappa: float, inductance: fl
     d = np.zeros((2 * n, 2 * n))
     d[:n, :n] = 2.0 * kappa * (c_inv @ c_inv)
     return GeneralSystem(F=f, c=np.zeros(2 * n), D=d, n_out=n, target=np.zeros(2 * n))
+
+
+def stable_step(system: System, method: str, inductance: float = 1.0) -> float:
+    """Largest step for which a stepping scheme stays stable on this system (inf if unbounded).
+
+    Euler-Maruyama and Heun on dx = -F x dt are stable for h < 2 Re(l) / |l|^2 over the
+    eigenvalues l of F (Heun's real-axis limit is also 2 / l). BAOAB on the RLC array is the
+    velocity-Verlet limit h < 2 / omega_max, omega^2 the eigenvalues of C^-1 / L.
+    """
+    if isinstance(system, ModalSystem):
+        return 2.0 / float(system.all_rates.max())
+    if method == "baoab":
+        n = system.n_out
+        c_inv = system.F[:n, n:]  # the C^-1 block
+        omega2 = float(np.linalg.eigvalsh(0.5 * (c_inv + c_inv.T)).max()) / inductance
+        return 2.0 / np.sqrt(omega2)
+    ev = np.linalg.eigvals(system.F)
+    return float(np.min(2.0 * ev.real / np.abs(ev) ** 2))

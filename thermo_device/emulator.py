@@ -31,12 +31,22 @@ from protocol.errors import (
 )
 
 from . import __version__
-from .dynamics import GeneralSystem, ModalSystem, check_dimension, overdamped_system, underdamped_system
+from .dynamics import (
+    GeneralSystem,
+    ModalSystem,
+    check_dimension,
+    overdamped_system,
+    stable_step,
+    underdamped_system,
+)
 from .exact import GeneralPropagator, ModalPropagator
 from .profile import Profile, load_profile
 from .readout import plan_grid
 from .stepping import OVERDAMPED_SCHEMES, UNDERDAMPED_SCHEMES, OverdampedStepper, UnderdampedStepper
 
+# Stepping integrators run at most at this fraction of their stability limit: the profile's dt is
+# an upper bound, and a stiff drift shrinks it (reported as diagnostics["dt"]).
+STABILITY_MARGIN = 0.9
 METHODS = {"overdamped": ("exact", *OVERDAMPED_SCHEMES), "underdamped": ("exact", *UNDERDAMPED_SCHEMES)}
 DRIFT_FORMS_BY_DYNAMICS = {"overdamped": DRIFT_FORMS, "underdamped": ("dense", "diagonal")}
 
@@ -204,14 +214,16 @@ class Emulator:
                 prop = (ModalPropagator(system, self.kappa) if isinstance(system, ModalSystem)
                         else GeneralPropagator(system))
             else:
-                prop = OverdampedStepper(drift, b, self.kappa, p.integrator.dt, method)
+                dt = min(p.integrator.dt, STABILITY_MARGIN * stable_step(system, method))
+                prop = OverdampedStepper(drift, b, self.kappa, dt, method)
             return _Programmed(drift, b, system, prop, drift.dim)
         u = p.underdamped
         system = underdamped_system(drift, b, self.kappa, u.inductance, u.resistance)
         if method == "exact":
             prop = GeneralPropagator(system)
         else:
-            prop = UnderdampedStepper(drift, self.kappa, p.integrator.dt, method, u.inductance, u.resistance)
+            dt = min(p.integrator.dt, STABILITY_MARGIN * stable_step(system, method, u.inductance))
+            prop = UnderdampedStepper(drift, self.kappa, dt, method, u.inductance, u.resistance)
         return _Programmed(drift, b, system, prop, 2 * drift.dim)
 
 

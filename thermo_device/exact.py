@@ -9,8 +9,8 @@ O(R) per readout sample. General (``dynamics.GeneralSystem``, any positive-stabl
 
     z <- z* + Phi (z - z*) + chol(Q) xi,     Phi = e^{-F h},  Q = int_0^h e^{-F s} D e^{-F^T s} ds
 
-with Phi and Q from one matrix exponential of the Van Loan block matrix [[F, D], [0, -F^T]] h
-(Van Loan 1978). This does not assume F is normal; thermox's diagonalisation shortcut does, and
+with Phi and Q from the matrix exponential of the Van Loan block matrix [[F, D], [0, -F^T]] h
+(Van Loan 1978), taken at h / 2^k and squared up so that large steps keep their precision. This does not assume F is normal; thermox's diagonalisation shortcut does, and
 gives wrong covariances for non-normal F. O(n^2) per sample after an O(n^3) set-up per step size.
 
 Gaussian noise is drawn in blocks with NumPy's Generator (about twice numba's in-kernel rate) and
@@ -48,10 +48,13 @@ def run_blocks(n_steps: int, width: int, rng: np.random.Generator | None,
     ``rng=None`` means a noiseless run: the kernels get an empty (0, width) block and skip noise.
     """
     per_block = max(1, NOISE_BLOCK_FLOATS // max(width, 1))
+    buf = np.empty((min(per_block, n_steps), width if rng is not None else 0))
     done = 0
     while done < n_steps:
         k = min(per_block, n_steps - done)
-        noise = rng.standard_normal((k, width)) if rng is not None else np.empty((k, 0))
+        noise = buf[:k]
+        if rng is not None:
+            rng.standard_normal(out=noise)  # refills one buffer: a single block of memory
         advance(noise, done)
         done += k
 
@@ -181,13 +184,22 @@ class GeneralPropagator:
             return hit
         s = self.system
         n = s.dim
+        # The block exponential holds e^{+F^T h}, which swamps Q by cancellation once ||F|| h is
+        # large: evaluate it at h / 2^k with ||F|| h / 2^k <= 1/2 and square up exactly with
+        # Phi(2h) = Phi(h)^2, Q(2h) = Phi(h) Q(h) Phi(h)^T + Q(h).
+        k = max(0, int(np.ceil(np.log2(max(np.linalg.norm(s.F, 1) * h, 1e-300) / 0.5))))
+        h0 = h / 2**k
         block = np.zeros((2 * n, 2 * n))
         block[:n, :n] = s.F
         block[:n, n:] = s.D
         block[n:, n:] = -s.F.T
-        e = scipy.linalg.expm(block * h)
-        phi = np.ascontiguousarray(e[n:, n:].T)
+        e = scipy.linalg.expm(block * h0)
+        phi = e[n:, n:].T
         q = phi @ e[:n, n:]
+        for _ in range(k):
+            q = phi @ q @ phi.T + q
+            phi = phi @ phi
+        phi = np.ascontiguousarray(phi)
         q = 0.5 * (q + q.T)
         # Q is PSD but can be singular (the RLC currents get no direct noise): an eigen square
         # root with negative round-off clipped is robust where Cholesky would fail.

@@ -1,0 +1,60 @@
+"""Profiles: TOML loading, validation errors that name the key and range, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.errors import ProfileError, UnsupportedError
+from thermo_device import Emulator, load_profile
+from thermo_device.profile import K_BOLTZMANN
+
+
+def test_ideal_kappa_is_kt_over_c() -> None:
+    p = load_profile("ideal")
+    assert p.kappa == pytest.approx(K_BOLTZMANN * 300.0 / 1e-9)
+    assert load_profile("ideal", {"noise.kappa": 0.01}).kappa == 0.01
+    assert load_profile("ideal", {"noise.temperature_K": 600.0}).kappa == pytest.approx(2 * p.kappa)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"noise.kappa": -1.0}, r"noise\.kappa = -1\.0 is out of range \[0"),
+    ({"integrator.dt": 0.0}, r"integrator\.dt = 0\.0 is out of range \(0"),
+    ({"integrator.method": "rk4"}, r"integrator\.method: 'rk4' is not one of"),
+    ({"device.cells": 2.5}, r"device\.cells: expected an integer"),
+    ({"noise.tempreature_K": 1.0}, r"unknown key noise\.tempreature_K"),
+    ({"nosie.kappa": 1.0}, r"unknown section in override 'nosie\.kappa'"),
+    ({"kappa": 1.0}, r"must look like 'section\.key'"),
+    ({"noise.kappa": float("inf")}, r"noise\.kappa: must be finite"),
+])
+def test_bad_values_name_the_key_and_range(overrides, match) -> None:
+    with pytest.raises(ProfileError, match=match):
+        load_profile("ideal", overrides)
+
+
+def test_unknown_profile_lists_builtins() -> None:
+    with pytest.raises(ProfileError, match="ideal"):
+        load_profile("no-such-profile")
+
+
+def test_profile_from_file(tmp_path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('[noise]\nkappa = 0.5\n[device]\ncells = 16\n')
+    p = load_profile(path)
+    assert (p.name, p.kappa, p.device.cells) == ("mine", 0.5, 16)
+    path.write_text('[noise\nkappa = 0.5\n')
+    with pytest.raises(ProfileError, match="invalid TOML"):
+        load_profile(path)
+    with pytest.raises(ProfileError, match="not found"):
+        load_profile(tmp_path / "missing.toml")
+
+
+def test_method_must_fit_dynamics() -> None:
+    with pytest.raises(ProfileError, match="heun.*does not apply to underdamped"):
+        Emulator(load_profile("ideal", {"device.dynamics": "underdamped", "integrator.method": "heun"}))
+    with pytest.raises(ProfileError, match="baoab"):
+        Emulator(load_profile("ideal", {"integrator.method": "baoab"}))
+
+
+def test_unmodelled_nonidealities_are_refused_not_ignored() -> None:
+    with pytest.raises(UnsupportedError, match="adc.bits"):
+        Emulator(load_profile("ideal", {"adc.bits": 8}))
