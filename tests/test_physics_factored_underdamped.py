@@ -117,9 +117,9 @@ def test_underdamped_stationary_covariance(method: str) -> None:
         # solution for z' = (I - h F) z + sqrt(h) G xi.
         from thermo_device.dynamics import underdamped_system
 
-        sysm = underdamped_system(Dense(c), np.zeros(4), kappa, l_h, r_ohm)
+        sysm = underdamped_system(Dense(c), np.zeros(4), l_h, r_ohm)  # D is for kappa = 1
         h = res.diagnostics["dt"]
-        sigma = scipy.linalg.solve_discrete_lyapunov(np.eye(8) - h * sysm.F, h * sysm.D)[:4, :4]
+        sigma = scipy.linalg.solve_discrete_lyapunov(np.eye(8) - h * sysm.F, kappa * h * sysm.D)[:4, :4]
     d = np.diag(sigma)
     se = np.sqrt((np.outer(d, d) + sigma**2) / n_samples)
     z = np.abs(s - sigma) / se
@@ -132,8 +132,8 @@ def test_underdamped_current_covariance_exact_lyapunov() -> None:
     from thermo_device.dynamics import underdamped_system
 
     c = _rlc(3)
-    sysm = underdamped_system(Dense(c), np.zeros(3), 0.3, 2.0, 0.5)
-    s = scipy.linalg.solve_continuous_lyapunov(sysm.F, sysm.D)
+    sysm = underdamped_system(Dense(c), np.zeros(3), 2.0, 0.5)
+    s = scipy.linalg.solve_continuous_lyapunov(sysm.F, 0.3 * sysm.D)
     np.testing.assert_allclose(s[:3, :3], 0.3 * 0.5 * np.linalg.inv(c), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(s[3:, 3:], 0.3 * 0.5 / 2.0 * np.eye(3), rtol=1e-8, atol=1e-12)
 

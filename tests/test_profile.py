@@ -6,14 +6,15 @@ import pytest
 
 from protocol.errors import ProfileError, UnsupportedError
 from thermo_device import Emulator, load_profile
-from thermo_device.profile import K_BOLTZMANN
+from thermo_device.noise import K_BOLTZMANN
 
 
 def test_ideal_kappa_is_kt_over_c() -> None:
-    p = load_profile("ideal")
-    assert p.kappa == pytest.approx(K_BOLTZMANN * 300.0 / 1e-9)
-    assert load_profile("ideal", {"noise.kappa": 0.01}).kappa == 0.01
-    assert load_profile("ideal", {"noise.temperature_K": 600.0}).kappa == pytest.approx(2 * p.kappa)
+    kappa = Emulator("ideal").kappa
+    assert kappa == pytest.approx(K_BOLTZMANN * 300.0 / 1e-9)
+    assert Emulator(load_profile("ideal", {"noise.kappa": 0.01})).kappa == 0.01
+    hot = Emulator(load_profile("ideal", {"noise.temperature_K": 600.0, "temperature.reference_K": 600.0}))
+    assert hot.kappa == pytest.approx(2 * kappa)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -40,7 +41,7 @@ def test_profile_from_file(tmp_path) -> None:
     path = tmp_path / "mine.toml"
     path.write_text('[noise]\nkappa = 0.5\n[device]\ncells = 16\n')
     p = load_profile(path)
-    assert (p.name, p.kappa, p.device.cells) == ("mine", 0.5, 16)
+    assert (p.name, p.noise.kappa, p.device.cells) == ("mine", 0.5, 16)
     path.write_text('[noise\nkappa = 0.5\n')
     with pytest.raises(ProfileError, match="invalid TOML"):
         load_profile(path)
@@ -55,6 +56,13 @@ def test_method_must_fit_dynamics() -> None:
         Emulator(load_profile("ideal", {"integrator.method": "baoab"}))
 
 
-def test_unmodelled_nonidealities_are_refused_not_ignored() -> None:
-    with pytest.raises(UnsupportedError, match="adc.bits"):
-        Emulator(load_profile("ideal", {"adc.bits": 8}))
+def test_exact_refuses_what_it_cannot_propagate() -> None:
+    import numpy as np
+
+    from protocol.drift import Diagonal
+
+    emu = Emulator(load_profile("ideal", {"range.rail": 1.0}))
+    with pytest.raises(UnsupportedError, match="auto"):
+        emu.program(Diagonal(np.ones(3)), np.ones(3))
+    with pytest.raises(ProfileError, match="range.rail"):
+        Emulator(load_profile("ideal", {"device.dynamics": "underdamped", "range.rail": 1.0}))

@@ -13,9 +13,16 @@ programmed (Maxwell) capacitance matrix, L and R per cell::
 Inductors short any DC voltage, so the RLC board's only operating point is v = 0: it samples and
 inverts (through the covariance), it does not solve A x = b in the mean; a non-zero bias is refused.
 
+Non-idealities enter as (see docs/physics.md): per-cell relative capacitances c_i (mismatch) give
+dx = -C^-1 (A x - b) dt + sqrt(2 kappa) C^-1/2 dW, which keeps the stationary law of a symmetric A
+(fluctuation-dissipation: the mobility C^-1 scales drift and diffusion alike) and changes only the
+per-cell time constants; temperature multiplies every rate by r = g / c (time dilation) and sets
+kappa. Systems here are built for r = 1, kappa = 1; propagators apply (r, kappa) per step.
+
 Time is in units of tau. Two representations come out of a programmed drift:
 
-* ``ModalSystem``: symmetric A (Dense symmetric, Diagonal, Factored). In the eigenbasis every
+* ``ModalSystem``: symmetric A (Dense symmetric, Diagonal, Factored), in the coordinates
+  y = C^1/2 x where the drift C^-1/2 A C^-1/2 is symmetric. In the eigenbasis every
   mode is an independent scalar OU process, so exact propagation costs O(N) per readout sample.
   For Factored A = J^T H J + lambda I the basis is the row space of J (r <= m modes, from a thin
   SVD, O(N m^2)) plus the orthogonal complement, where A acts as lambda I: N x N is never formed.
@@ -50,6 +57,7 @@ class ModalSystem:
     complement_rate: float | None  # rate of the complement (damping of Factored), > 0
     target: np.ndarray  # stationary mean of w, shape (R,)
     n: int  # N
+    cell_scale: np.ndarray | None = None  # c^-1/2 per cell (capacitance mismatch); None = 1
 
     @property
     def n_modes(self) -> int:
@@ -62,6 +70,8 @@ class ModalSystem:
         return np.concatenate([self.rates, np.full(self.n, self.complement_rate)])
 
     def to_modes(self, x: np.ndarray) -> np.ndarray:
+        if self.cell_scale is not None:
+            x = x / self.cell_scale
         if self.basis is None:
             return x.copy()
         y = self.basis.T @ x
@@ -72,45 +82,73 @@ class ModalSystem:
     def from_modes(self, w: np.ndarray) -> np.ndarray:
         """Map mode vectors back to node voltages; ``w`` is (R,) or (K, R)."""
         if self.basis is None:
-            return w.copy()
-        r = self.rates.shape[0]
-        y = w[..., :r]
-        x = y @ self.basis.T
-        if self.complement_rate is not None:
-            z = w[..., r:]
-            # Only the complement part of z is physical: the rest is independent noise that the
-            # isotropic complement dynamics let us carry along and discard here.
-            x = x + z - (z @ self.basis) @ self.basis.T
-        return x
+            x = w.copy()
+        else:
+            r = self.rates.shape[0]
+            x = w[..., :r] @ self.basis.T
+            if self.complement_rate is not None:
+                z = w[..., r:]
+                # Only the complement part of z is physical: the rest is independent noise that the
+                # isotropic complement dynamics let us carry along and discard here.
+                x = x + z - (z @ self.basis) @ self.basis.T
+        return x if self.cell_scale is None else x * self.cell_scale
 
     def second_moment_from_modes(self, s: np.ndarray) -> np.ndarray:
         """B S B^T for the linear map B of ``from_modes`` (S is R x R)."""
         if self.basis is None:
-            return s.copy()
-        r = self.rates.shape[0]
-        if self.complement_rate is None:
-            return self.basis @ s @ self.basis.T
-        n = self.n
-        u = self.basis
-        b = np.empty((n, r + n))
-        b[:, :r] = u
-        b[:, r:] = np.eye(n) - u @ u.T
-        return b @ s @ b.T
+            out = s.copy()
+        elif self.complement_rate is None:
+            out = self.basis @ s @ self.basis.T
+        else:
+            n, r, u = self.n, self.rates.shape[0], self.basis
+            b = np.empty((n, r + n))
+            b[:, :r] = u
+            b[:, r:] = np.eye(n) - u @ u.T
+            out = b @ s @ b.T
+        if self.cell_scale is not None:
+            out = out * np.outer(self.cell_scale, self.cell_scale)
+        return out
+
+    def with_bias(self, b: np.ndarray) -> ModalSystem:
+        """The same drift with another bias (O(N r)): only the target moves."""
+        if self.cell_scale is not None:
+            b = b * self.cell_scale
+        if self.basis is None:
+            target = b / self.rates
+        else:
+            y = (self.basis.T @ b) / self.rates
+            if self.complement_rate is None:
+                target = y
+            else:
+                target = np.concatenate([y, (b - self.basis @ (self.basis.T @ b)) / self.complement_rate])
+        return ModalSystem(self.basis, self.rates, self.complement_rate, target, self.n, self.cell_scale)
+
+    def solution(self) -> np.ndarray:
+        """The stationary mean in node coordinates, A^-1 b."""
+        return self.from_modes(self.target)
 
 
 @dataclass(frozen=True, eq=False)
 class GeneralSystem:
-    """dz = -(F z - c) dt + G dW with D = G G^T; readout is z[:n_out]."""
+    """dz = -(F z - c) dt + G dW with D = G G^T (for kappa = 1); readout is z[:n_out]."""
 
     F: np.ndarray
     c: np.ndarray
     D: np.ndarray
     n_out: int
     target: np.ndarray  # F^-1 c, the stationary mean
+    input_map: np.ndarray | None = None  # c = input_map * b (per-cell 1/c_i); None = identity
 
     @property
     def dim(self) -> int:
         return self.F.shape[0]
+
+    def with_bias(self, b: np.ndarray) -> GeneralSystem:
+        c = b if self.input_map is None else self.input_map * b
+        return GeneralSystem(self.F, c, self.D, self.n_out, np.linalg.solve(self.F, c), self.input_map)
+
+    def solution(self) -> np.ndarray:
+        return self.target[: self.n_out]
 
 
 System = ModalSystem | GeneralSystem
@@ -141,42 +179,81 @@ def is_symmetric_drift(drift: Drift) -> bool:
     return not isinstance(drift, Dense) or _symmetric(drift.matrix)
 
 
-def overdamped_system(drift: Drift, b: np.ndarray, kappa: float) -> System:
+@dataclass(frozen=True, eq=False)
+class SteppingOnlySystem:
+    """A Factored drift with no cheap exact representation (non-symmetric J arrays or per-cell
+    capacitances): validated, its solution known by Woodbury, propagated only by time stepping.
+
+    A = U V + damping I with U = J_out^T (N x m) and V = H J_in (m x N).
+    """
+
+    u: np.ndarray
+    v: np.ndarray
+    damping: float
+    b: np.ndarray
+    reason: str
+    cap: np.ndarray | None = None
+
+    @property
+    def n_out(self) -> int:
+        return self.u.shape[0]
+
+    def with_bias(self, b: np.ndarray) -> SteppingOnlySystem:
+        return SteppingOnlySystem(self.u, self.v, self.damping, b, self.reason, self.cap)
+
+    def solution(self) -> np.ndarray:
+        """A^-1 b = (b - U (lambda I + V U)^-1 V b) / lambda, O(N m + m^3)."""
+        m = self.v.shape[0]
+        inner = self.damping * np.eye(m) + self.v @ self.u
+        return (self.b - self.u @ np.linalg.solve(inner, self.v @ self.b)) / self.damping
+
+
+def overdamped_system(drift: Drift, b: np.ndarray, cap: np.ndarray | None = None,
+                      j_out: np.ndarray | None = None) -> System | SteppingOnlySystem:
     """Analyse an overdamped drift: validate positive stability, return its exact representation.
+
+    Args:
+        drift: the drift as realised on the chip.
+        b: the bias as realised on the chip.
+        cap: per-cell relative capacitances (mismatch); None means all 1.
+        j_out: for Factored, the J^T array when it differs from J (mismatch); None means J.
 
     Costs O(N^3) for Dense (eigh or eig), O(N) for Diagonal, O(N m^2) for Factored.
     """
     n = drift.dim
+    scale = None if cap is None else 1.0 / np.sqrt(cap)
     if isinstance(drift, Diagonal):
         d = np.ascontiguousarray(drift.diag, dtype=np.float64)
         if d.min() <= 0.0:
             raise NotStableError(f"Diagonal drift is not positive: smallest entry {d.min():.3g}")
-        return ModalSystem(basis=None, rates=d, complement_rate=None, target=b / d, n=n)
+        rates = d if cap is None else d / cap
+        return ModalSystem(None, rates, None, np.zeros(n), n, scale).with_bias(b)
     if isinstance(drift, Dense):
         a = np.asarray(drift.matrix, dtype=np.float64)
         if _symmetric(a):
-            lam, u = np.linalg.eigh(0.5 * (a + a.T))
-            if lam[0] <= 0.0:
-                raise NotStableError(f"Dense drift is not positive definite: smallest eigenvalue {lam[0]:.3g}")
-            u = np.ascontiguousarray(u)
-            return ModalSystem(basis=u, rates=lam, complement_rate=None, target=(u.T @ b) / lam, n=n)
+            lam0 = np.linalg.eigvalsh(0.5 * (a + a.T)) if cap is not None else None
+            sa = a if scale is None else (scale[:, None] * a) * scale[None, :]
+            lam, u = np.linalg.eigh(0.5 * (sa + sa.T))
+            low = lam[0] if lam0 is None else lam0[0]
+            if low <= 0.0:
+                raise NotStableError(f"Dense drift is not positive definite: smallest eigenvalue {low:.3g}")
+            return ModalSystem(np.ascontiguousarray(u), lam, None, np.zeros(n), n, scale).with_bias(b)
         ev = np.linalg.eigvals(a)
         if ev.real.min() <= 0.0:
             raise NotStableError("Dense drift is not positive-stable: an eigenvalue has real part "
                                  f"{ev.real.min():.3g} <= 0")
-        a = np.ascontiguousarray(a)
-        return GeneralSystem(F=a, c=b.copy(), D=2.0 * kappa * np.eye(n), n_out=n,
-                             target=np.linalg.solve(a, b))
+        inv_c = None if cap is None else 1.0 / cap
+        f = np.ascontiguousarray(a if inv_c is None else inv_c[:, None] * a)
+        d = 2.0 * (np.eye(n) if inv_c is None else np.diag(inv_c))
+        return GeneralSystem(f, b, d, n, np.zeros(n), inv_c).with_bias(b)
     if isinstance(drift, Factored):
-        return _factored_system(drift, b)
+        if j_out is None and cap is None:
+            return _factored_system(drift, b)
+        return _factored_stepping_only(drift, b, j_out, cap)
     raise InvalidInputError(f"not a drift description: {type(drift).__name__}")
 
 
-def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
-    j = np.asarray(drift.J, dtype=np.float64)
-    h = np.asarray(drift.H, dtype=np.float64)
-    lam_d = float(drift.damping)
-    m, n = j.shape
+def _check_h(h: np.ndarray) -> np.ndarray:
     if not _symmetric(h):
         raise NotStableError("Factored.H must be symmetric")
     h = 0.5 * (h + h.T)
@@ -184,6 +261,32 @@ def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
     h_scale = max(float(np.abs(h_eigs).max()), 1e-300)
     if h_eigs[0] < -1e-10 * h_scale:
         raise NotStableError(f"Factored.H is not positive semidefinite: smallest eigenvalue {h_eigs[0]:.3g}")
+    return h
+
+
+def _factored_stepping_only(drift: Factored, b: np.ndarray, j_out: np.ndarray | None,
+                            cap: np.ndarray | None) -> SteppingOnlySystem:
+    j_in = np.asarray(drift.J, dtype=np.float64)
+    j_o = j_in if j_out is None else np.asarray(j_out, dtype=np.float64)
+    h = np.asarray(drift.H, dtype=np.float64)
+    lam_d = float(drift.damping)
+    if lam_d <= 0.0:
+        raise NotStableError("a Factored drift with mismatched arrays needs damping > 0")
+    u, v = j_o.T, h @ j_in
+    # The non-zero eigenvalues of U V are those of V U (m x m): stability without N x N.
+    ev = np.linalg.eigvals(v @ u)
+    if ev.size and (ev.real + lam_d).min() <= 0.0:
+        raise NotStableError("Factored drift is not positive-stable: an eigenvalue has real part "
+                             f"{(ev.real + lam_d).min():.3g} <= 0")
+    reason = "non-symmetric J arrays (coupling mismatch)" if j_out is not None else "per-cell capacitances"
+    return SteppingOnlySystem(u, v, lam_d, b, reason, cap)
+
+
+def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
+    j = np.asarray(drift.J, dtype=np.float64)
+    lam_d = float(drift.damping)
+    m, n = j.shape
+    h = _check_h(np.asarray(drift.H, dtype=np.float64))
     # Thin SVD of J: O(N m^2), the row space of J is where A differs from lambda I.
     us, s, vt = np.linalg.svd(j, full_matrices=False)
     tol = max(m, n) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
@@ -206,8 +309,7 @@ def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
     return ModalSystem(basis=u, rates=rates, complement_rate=None, target=y_target, n=n)
 
 
-def underdamped_system(drift: Drift, b: np.ndarray, kappa: float, inductance: float,
-                       resistance: float) -> GeneralSystem:
+def underdamped_system(drift: Drift, b: np.ndarray, inductance: float, resistance: float) -> GeneralSystem:
     """The RLC array as a 2N-dimensional linear SDE in z = [v, i] (see the module docstring)."""
     if isinstance(drift, Factored):
         raise UnsupportedError("the underdamped RLC array is programmed with a Dense or Diagonal "
@@ -229,12 +331,12 @@ def underdamped_system(drift: Drift, b: np.ndarray, kappa: float, inductance: fl
     f[:n, n:] = c_inv
     f[n:, :n] = -np.eye(n) / inductance
     d = np.zeros((2 * n, 2 * n))
-    d[:n, :n] = 2.0 * kappa * (c_inv @ c_inv)
+    d[:n, :n] = 2.0 * (c_inv @ c_inv)
     return GeneralSystem(F=f, c=np.zeros(2 * n), D=d, n_out=n, target=np.zeros(2 * n))
 
 
-def stable_step(system: System, method: str, inductance: float = 1.0) -> float:
-    """Largest step for which a stepping scheme stays stable on this system (inf if unbounded).
+def stable_step(system: System | SteppingOnlySystem, method: str, inductance: float = 1.0) -> float:
+    """Largest step for which a stepping scheme stays stable on this system (r = 1).
 
     Euler-Maruyama and Heun on dx = -F x dt are stable for h < 2 Re(l) / |l|^2 over the
     eigenvalues l of F (Heun's real-axis limit is also 2 / l). BAOAB on the RLC array is the
@@ -242,6 +344,13 @@ def stable_step(system: System, method: str, inductance: float = 1.0) -> float:
     """
     if isinstance(system, ModalSystem):
         return 2.0 / float(system.all_rates.max())
+    if isinstance(system, SteppingOnlySystem):
+        # spectral radius of C^-1 (U V + lambda I) <= max(1/c) (max|eig(V U)| + lambda)
+        ev = np.linalg.eigvals(system.v @ system.u)
+        rho = (float(np.abs(ev).max()) if ev.size else 0.0) + system.damping
+        if system.cap is not None:
+            rho /= float(system.cap.min())
+        return 2.0 / rho
     if method == "baoab":
         n = system.n_out
         c_inv = system.F[:n, n:]  # the C^-1 block

@@ -111,11 +111,10 @@ def _general_window(z, phi, shift, chol, noise, k0, stride, total, out, total_ou
 
 
 class ModalPropagator:
-    """Exact propagation of a ModalSystem with noise strength kappa."""
+    """Exact propagation of a ModalSystem; each call takes the rate multiplier r and kappa."""
 
-    def __init__(self, system: ModalSystem, kappa: float) -> None:
+    def __init__(self, system: ModalSystem) -> None:
         self.system = system
-        self.kappa = kappa
         self.rates = np.ascontiguousarray(system.all_rates)
         self.target = np.ascontiguousarray(system.target)
 
@@ -123,39 +122,37 @@ class ModalPropagator:
     def width(self) -> int:
         return self.rates.shape[0]
 
-    def _coefficients(self, h: float) -> tuple[np.ndarray, np.ndarray]:
-        decay = np.exp(-self.rates * h)
-        std = np.sqrt(self.kappa * -np.expm1(-2.0 * self.rates * h) / self.rates)
+    def _coefficients(self, h: float, r: float, kappa: float) -> tuple[np.ndarray, np.ndarray]:
+        decay = np.exp(-self.rates * (r * h))
+        std = np.sqrt(kappa * -np.expm1(-2.0 * self.rates * (r * h)) / self.rates)
         return decay, std
 
-    def _rng(self, rng: np.random.Generator) -> np.random.Generator | None:
-        return rng if self.kappa > 0.0 else None
-
-    def jump(self, x: np.ndarray, h: float, rng: np.random.Generator) -> np.ndarray:
+    def jump(self, x: np.ndarray, h: float, rng: np.random.Generator, r: float = 1.0,
+             kappa: float = 0.0) -> np.ndarray:
         """One exact step of length h from node state x; returns the new node state."""
         if h <= 0.0:
             return x
         w = self.system.to_modes(x)
-        decay, std = self._coefficients(h)
+        decay, std = self._coefficients(h, r, kappa)
         w = self.target + decay * (w - self.target)
-        if self.kappa > 0.0:
+        if kappa > 0.0:
             w += std * rng.standard_normal(w.shape[0])
         return self.system.from_modes(w)
 
     def window(self, x: np.ndarray, h: float, n_steps: int, stride: int, rng: np.random.Generator,
-               second_moment: bool) -> WindowResult:
+               second_moment: bool, r: float = 1.0, kappa: float = 0.0) -> WindowResult:
         w = np.ascontiguousarray(self.system.to_modes(x))
-        r = self.width
-        decay, std = self._coefficients(h)
-        total = np.zeros(r)
+        width = self.width
+        decay, std = self._coefficients(h, r, kappa)
+        total = np.zeros(width)
         n_samples = n_steps // stride if stride > 0 else 0
-        out = np.empty((n_samples, r))
-        outer = np.zeros((r, r)) if second_moment else np.zeros((0, 0))
+        out = np.empty((n_samples, width))
+        outer = np.zeros((width, width)) if second_moment else np.zeros((0, 0))
 
         def advance(noise: np.ndarray, k0: int) -> None:
             _modal_window(w, decay, std, self.target, noise, k0, stride, total, out, outer)
 
-        run_blocks(n_steps, r, self._rng(rng), advance)
+        run_blocks(n_steps, width, rng if kappa > 0.0 else None, advance)
         s = self.system
         return WindowResult(
             state=s.from_modes(w),
@@ -166,33 +163,35 @@ class ModalPropagator:
 
 
 class GeneralPropagator:
-    """Exact propagation of a GeneralSystem (Van Loan); transition matrices cached per step size."""
+    """Exact propagation of a GeneralSystem (Van Loan); transitions cached per (h, r, kappa)."""
 
     def __init__(self, system: GeneralSystem) -> None:
         self.system = system
-        self._cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.noisy = bool(np.any(system.D != 0.0))
+        self._cache: dict[tuple[float, float, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def width(self) -> int:
         return self.system.dim
 
-    def coefficients(self, h: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def coefficients(self, h: float, r: float = 1.0, kappa: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Phi, shift, chol) for step h: z <- Phi z + shift + chol xi."""
-        hit = self._cache.get(h)
+        key = (h, r, kappa)
+        hit = self._cache.get(key)
         if hit is not None:
             return hit
         s = self.system
         n = s.dim
+        f = s.F * r
+        d = s.D * (kappa * r)
         # The block exponential holds e^{+F^T h}, which swamps Q by cancellation once ||F|| h is
         # large: evaluate it at h / 2^k with ||F|| h / 2^k <= 1/2 and square up exactly with
         # Phi(2h) = Phi(h)^2, Q(2h) = Phi(h) Q(h) Phi(h)^T + Q(h).
-        k = max(0, int(np.ceil(np.log2(max(np.linalg.norm(s.F, 1) * h, 1e-300) / 0.5))))
+        k = max(0, int(np.ceil(np.log2(max(np.linalg.norm(f, 1) * h, 1e-300) / 0.5))))
         h0 = h / 2**k
         block = np.zeros((2 * n, 2 * n))
-        block[:n, :n] = s.F
-        block[:n, n:] = s.D
-        block[n:, n:] = -s.F.T
+        block[:n, :n] = f
+        block[:n, n:] = d
+        block[n:, n:] = -f.T
         e = scipy.linalg.expm(block * h0)
         phi = e[n:, n:].T
         q = phi @ e[:n, n:]
@@ -208,21 +207,22 @@ class GeneralPropagator:
         shift = s.target - phi @ s.target
         if len(self._cache) >= 8:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[h] = (phi, shift, chol)
+        self._cache[key] = (phi, shift, chol)
         return phi, shift, chol
 
-    def jump(self, z: np.ndarray, h: float, rng: np.random.Generator) -> np.ndarray:
+    def jump(self, z: np.ndarray, h: float, rng: np.random.Generator, r: float = 1.0,
+             kappa: float = 0.0) -> np.ndarray:
         if h <= 0.0:
             return z
-        phi, shift, chol = self.coefficients(h)
+        phi, shift, chol = self.coefficients(h, r, kappa)
         z = phi @ z + shift
-        if self.noisy:
+        if kappa > 0.0:
             z = z + chol @ rng.standard_normal(z.shape[0])
         return z
 
     def window(self, z: np.ndarray, h: float, n_steps: int, stride: int, rng: np.random.Generator,
-               second_moment: bool) -> WindowResult:
-        phi, shift, chol = self.coefficients(h)
+               second_moment: bool, r: float = 1.0, kappa: float = 0.0) -> WindowResult:
+        phi, shift, chol = self.coefficients(h, r, kappa)
         z = np.ascontiguousarray(z, dtype=np.float64).copy()
         n_out = self.system.n_out
         total = np.zeros(n_out)
@@ -233,5 +233,5 @@ class GeneralPropagator:
         def advance(noise: np.ndarray, k0: int) -> None:
             _general_window(z, phi, shift, chol, noise, k0, stride, total, out, outer, n_out)
 
-        run_blocks(n_steps, self.width, rng if self.noisy else None, advance)
+        run_blocks(n_steps, self.width, rng if kappa > 0.0 else None, advance)
         return WindowResult(state=z, total=total, samples=out, total_outer=outer if second_moment else None)

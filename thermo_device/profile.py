@@ -20,8 +20,6 @@ from typing import Any
 
 from protocol.errors import ProfileError
 
-K_BOLTZMANN = 1.380649e-23  # J/K, exact (SI 2019)
-
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BUILTIN_PROFILES = ("ideal", "tngd-paper", "spu-8cell", "noisy")
 
@@ -44,20 +42,40 @@ class DeviceSection:
 
 @dataclass(frozen=True)
 class IntegratorSection:
-    method: str = _key("exact", "integrator: exact (linear time-invariant only), euler_maruyama, "
-                       "heun (overdamped), baoab (underdamped)",
-                       choices=("exact", "euler_maruyama", "heun", "baoab"))
+    method: str = _key("exact", "exact (linear time-invariant only), euler_maruyama, heun (overdamped), "
+                       "baoab (underdamped), or auto (exact where it applies, else heun / baoab)",
+                       choices=("exact", "euler_maruyama", "heun", "baoab", "auto"))
     dt: float = _key(0.01, "time step of the stepping integrators, in tau (an upper bound: the "
                      "step is shrunk so readout times fall on the grid)", lo=0.0, lo_open=True, hi=10.0)
 
 
 @dataclass(frozen=True)
 class NoiseSection:
-    temperature_K: float = _key(300.0, "cell temperature, kelvin", lo=0.0)
+    temperature_K: float = _key(300.0, "cell temperature at the start, kelvin", lo=0.0, lo_open=True)
     capacitance_F: float = _key(1e-9, "cell capacitance, farad (sets kT/C)", lo=0.0, lo_open=True)
     full_scale_V: float = _key(1.0, "voltage that the value 1.0 maps to, volt", lo=0.0, lo_open=True)
-    kappa: float | None = _key(None, "noise strength kappa in (full-scale units)^2; when set it "
+    kappa: float | None = _key(None, "thermal noise strength in (full-scale units)^2; when set it "
                                "replaces k_B T / (C full_scale_V^2)", lo=0.0, optional=True)
+    injected_kappa: float = _key(0.0, "noise injected on top of the thermal noise, (full-scale units)^2 "
+                                 "(raises the effective temperature; not temperature dependent)", lo=0.0)
+    flicker_corner: float = _key(0.0, "1/f noise corner frequency, 1/tau (0 = off): below it the "
+                                 "flicker PSD exceeds the white one", lo=0.0)
+    flicker_min_freq: float = _key(1e-4, "lowest frequency of the 1/f band, 1/tau", lo=0.0, lo_open=True)
+    flicker_poles: int = _key(6, "OU processes summed to synthesise 1/f noise", lo=1, hi=32)
+
+
+@dataclass(frozen=True)
+class TemperatureSection:
+    reference_K: float = _key(300.0, "temperature at which components take their nominal values, K",
+                              lo=0.0, lo_open=True)
+    ramp_K_per_tau: float = _key(0.0, "linear temperature drift, K per tau of device time")
+    walk_K_per_sqrt_tau: float = _key(0.0, "random-walk temperature drift, K per sqrt(tau)", lo=0.0)
+    conductance_tempco_per_K: float = _key(0.0, "relative change of every conductance per kelvin "
+                                           "(e.g. 1e-4 = 100 ppm/K)", lo=-0.1, hi=0.1)
+    capacitance_tempco_per_K: float = _key(0.0, "relative change of every cell capacitance per kelvin",
+                                           lo=-0.1, hi=0.1)
+    update_interval: float = _key(10.0, "temperature is held constant over this much device time, tau",
+                                  lo=0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -69,13 +87,43 @@ class UnderdampedSection:
 @dataclass(frozen=True)
 class MismatchSection:
     seed: int = _key(0, "chip id: seeds every static (per-chip) error", lo=0, hi=2**63 - 1)
-    coupling_rel_std: float = _key(0.0, "relative std of each programmed coupling conductance", lo=0.0, hi=1.0)
+    coupling_rel_std: float = _key(0.0, "relative std of each programmed coupling conductance", lo=0.0, hi=0.5)
+    capacitance_rel_std: float = _key(0.0, "relative std of each cell capacitance (per-cell tau)", lo=0.0, hi=0.5)
+    gain_rel_std: float = _key(0.0, "relative std of each cell's input gain (applied to b)", lo=0.0, hi=0.5)
+    offset_V_std: float = _key(0.0, "std of each cell's op-amp offset voltage, volt", lo=0.0)
+
+
+@dataclass(frozen=True)
+class DacSection:
+    bits: int = _key(0, "resolution of the bias DAC in bits; 0 = ideal", lo=0, hi=32)
+    full_scale: float = _key(1.0, "bias DAC range is [-full_scale, full_scale], full-scale units",
+                             lo=0.0, lo_open=True)
+    rounding: str = _key("nearest", "rounding to DAC codes", choices=("nearest", "stochastic"))
+
+
+@dataclass(frozen=True)
+class CouplingSection:
+    bits: int = _key(0, "resolution of conductance programming in bits (each array relative to its "
+                     "largest entry); 0 = ideal", lo=0, hi=32)
+    rounding: str = _key("nearest", "rounding to conductance codes", choices=("nearest", "stochastic"))
 
 
 @dataclass(frozen=True)
 class AdcSection:
-    bits: int = _key(0, "ADC resolution in bits; 0 = ideal (no quantization)", lo=0, hi=32)
+    bits: int = _key(0, "ADC resolution in bits; 0 = ideal (no quantization, no clipping)", lo=0, hi=32)
+    full_scale: float = _key(1.0, "ADC range is [-full_scale, full_scale], full-scale units", lo=0.0, lo_open=True)
     sample_interval: float = _key(0.1, "ADC sample interval, in tau (the readout grid)", lo=0.0, lo_open=True)
+    read_noise_std: float = _key(0.0, "ADC input-referred noise per sample, full-scale units", lo=0.0)
+
+
+@dataclass(frozen=True)
+class RangeSection:
+    auto: bool = _key(False, "map host numbers into the physical range automatically (scale reported "
+                      "in diagnostics and undone on readout); off: host units are full-scale units")
+    headroom: float = _key(0.5, "auto range puts max|b| and max|A^-1 b| at this fraction of full scale",
+                           lo=0.0, lo_open=True, hi=1.0)
+    rail: float = _key(0.0, "node voltages saturate at +-rail, full-scale units; 0 = no rails",
+                       lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -86,29 +134,16 @@ class Profile:
     device: DeviceSection = DeviceSection()
     integrator: IntegratorSection = IntegratorSection()
     noise: NoiseSection = NoiseSection()
+    temperature: TemperatureSection = TemperatureSection()
     underdamped: UnderdampedSection = UnderdampedSection()
     mismatch: MismatchSection = MismatchSection()
+    dac: DacSection = DacSection()
+    coupling: CouplingSection = CouplingSection()
     adc: AdcSection = AdcSection()
-
-    @property
-    def kappa(self) -> float:
-        """Noise strength in full-scale units: the override, else k_B T / (C V_fs^2)."""
-        if self.noise.kappa is not None:
-            return float(self.noise.kappa)
-        n = self.noise
-        return K_BOLTZMANN * n.temperature_K / (n.capacitance_F * n.full_scale_V**2)
+    range: RangeSection = RangeSection()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def nonideal_keys(self) -> list[str]:
-        """Keys set to a non-ideal value that this emulator build does not model yet."""
-        out = []
-        if self.mismatch.coupling_rel_std != 0.0:
-            out.append("mismatch.coupling_rel_std")
-        if self.adc.bits != 0:
-            out.append("adc.bits")
-        return out
 
 
 _SECTIONS: dict[str, type] = {f.name: f.default.__class__ for f in dataclasses.fields(Profile)

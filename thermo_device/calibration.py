@@ -1,0 +1,85 @@
+"""Calibration: measure a chip's static errors and pre-distort later programs to cancel them.
+
+The controller programs a reference coupling matrix A_ref = I + 0.5 * 1 1^T (every conductance
+used, well conditioned) and solves N + 1 probes: b = 0 and b = c e_k (k = 1..N). With the
+chip's effective matrix A_eff = G o Q(A_ref) (G: per-conductance gains, Q: the codes actually
+written, known to the controller), input gains Gin = diag(1 + u) and offsets o::
+
+    x_0 = A_eff^-1 o,     x_k = A_eff^-1 (Gin c_k e_k + o)     (c_k: the DAC value written)
+    Y   = [x_k - x_0]  = A_eff^-1 Gin diag(c)
+    M   = diag(c) Y^-1 = Gin^-1 A_eff,        G_hat = M / Q(A_ref),      o_hat = M x_0
+
+A later Dense program A is written as A / G_hat, so the chip realises about Gin A, and b as
+b - o_hat; then Gin A x = Gin (b - o_hat) + o = Gin b, i.e. x = A^-1 b: coupling mismatch, input
+gains and offsets cancel to the precision of the probes (time averaging and ADC) and of the codes.
+Uniform temperature coefficients scale A_eff as a whole and cancel in ratios. Capacitance mismatch
+does not move the solution. Calibration covers Dense drifts of the calibrated size; Factored
+arrays would need direct access to each array's products, which the dynamics do not give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol.drift import Dense, Drift
+from protocol.errors import CapacityError, InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .emulator import Emulator
+
+
+def reference_matrix(n: int) -> np.ndarray:
+    return np.eye(n) + 0.5 * np.ones((n, n))
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    n: int
+    gain: np.ndarray  # (N, N) G_hat
+    offset: np.ndarray  # (N,) o_hat, full-scale units
+    device_time: float
+    temperature_K: float
+
+    def applies_to(self, drift: Drift) -> bool:
+        return isinstance(drift, Dense) and drift.dim == self.n
+
+    def predistort(self, drift: Dense) -> Dense:
+        return Dense(np.asarray(drift.matrix, dtype=np.float64) / self.gain)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "gain_rel_std": float(np.std(self.gain - 1.0)),
+            "gain_rel_max": float(np.max(np.abs(self.gain - 1.0))),
+            "offset_rms": float(np.sqrt(np.mean(self.offset**2))),
+            "device_time": self.device_time,
+            "temperature_K": self.temperature_K,
+        }
+
+
+def calibrate(emu: Emulator, n: int, *, duration: float, burn_in: float, probe: float) -> Calibration:
+    """Probe the chip (see the module docstring). The caller restores its own state afterwards."""
+    cells = emu.profile.device.cells
+    if not 1 <= n <= cells:
+        raise CapacityError(f"calibrate: n = {n} is out of range [1, {cells}]")
+    if not 0.0 < probe <= 1.0:
+        raise InvalidInputError(f"calibrate: probe = {probe} is out of range (0, 1]")
+    a_ref = reference_matrix(n)
+    xs, written = [], []
+    for k in range(n + 1):
+        b = np.zeros(n)
+        if k:
+            b[k - 1] = probe
+        real = emu._program_physical(Dense(a_ref), b)  # noqa: SLF001 - the controller's own access
+        written.append(real.report["bias_written"][k - 1] if k else 0.0)
+        xs.append(emu.run(duration, burn_in=burn_in, reset=True).mean)
+        if k == 0:
+            q_ref = real.report["couplings_written"]
+    x0 = xs[0]
+    y = np.stack(xs[1:], axis=1) - x0[:, None]
+    m = np.diag(written[1:]) @ np.linalg.inv(y)
+    return Calibration(n=n, gain=m / q_ref, offset=m @ x0, device_time=emu._thermostat.time,  # noqa: SLF001
+                       temperature_K=emu._thermostat.temperature_K)  # noqa: SLF001

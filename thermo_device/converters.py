@@ -1,0 +1,82 @@
+"""Converters: the bias DAC, conductance programming, and the ADC readout.
+
+A b-bit converter over [-FS, FS) has 2^b two's-complement codes k LSB, k = -2^(b-1) .. 2^(b-1) - 1,
+with LSB = 2 FS / 2^b (zero is a code; the top code is FS - LSB); values beyond the range clip.
+
+* DAC for b (config [dac]): bits, full_scale, rounding = nearest | stochastic. Stochastic
+  rounding rounds up with probability equal to the fractional part, so its error has mean zero:
+  averaging runs over independent roundings cancels the first-order error (ensemble averaging,
+  the error-mitigation idea of Aifer et al., arXiv:2401.16231).
+* Conductance programming (config [coupling]): each resistor array is quantized relative to its
+  own largest |entry| (the array's full scale), bits and rounding as above.
+* ADC (config [adc]): every sample gets read noise N(0, read_noise_std^2), is clipped to
+  [-full_scale, full_scale] and rounded to the nearest code; the device averages the codes. An
+  n-bit ADC therefore yields at most 2^n distinct sample values.
+
+bits = 0 means an ideal converter (no rounding, no clipping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def lsb(bits: int, full_scale: float) -> float:
+    return 2.0 * full_scale / 2**bits
+
+
+def quantize(x: np.ndarray, bits: int, full_scale: float, rounding: str = "nearest",
+             rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    """Round x to the converter's codes; returns (values, number of clipped entries)."""
+    if bits == 0:
+        return x, 0
+    step = lsb(bits, full_scale)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    u = x / step
+    clipped = int(np.count_nonzero((u < lo - 0.5) | (u > hi + 0.5)))
+    if rounding == "stochastic":
+        if rng is None:
+            raise ValueError("stochastic rounding needs a generator")
+        k = np.floor(u)
+        k += rng.random(u.shape) < (u - k)
+    else:
+        k = np.rint(u)
+    return np.clip(k, lo, hi) * step, clipped
+
+
+def quantize_array(a: np.ndarray, bits: int, rounding: str, rng: np.random.Generator | None) -> np.ndarray:
+    """Conductance programming: quantize relative to the array's largest |entry|."""
+    if bits == 0:
+        return a
+    scale = float(np.max(np.abs(a)))
+    if scale == 0.0:
+        return a
+    # the largest entry maps to the top code, so the array's full scale is max|a| (1 + LSB)
+    fs = scale * 2 ** (bits - 1) / (2 ** (bits - 1) - 1) if bits > 1 else scale
+    q, _ = quantize(a, bits, fs, rounding, rng)
+    return q
+
+
+@dataclass
+class AdcChain:
+    """Read noise, clipping and rounding of ADC samples (physical units in, physical units out)."""
+
+    bits: int
+    full_scale: float
+    read_noise_std: float
+    clipped: int = 0
+    count: int = 0
+
+    @property
+    def ideal(self) -> bool:
+        return self.bits == 0 and self.read_noise_std == 0.0
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.read_noise_std:
+            x = x + self.read_noise_std * rng.standard_normal(x.shape)
+        q, c = quantize(x, self.bits, self.full_scale)
+        self.clipped += c
+        self.count += x.size
+        return q
