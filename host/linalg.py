@@ -8,6 +8,11 @@
 Error bars come from batch means: the window is split into ``batches`` consecutive runs (warm
 start), and the spread of the batch estimates gives a standard error that needs no knowledge of A.
 It does not see a bias left by too short a burn-in; choose burn_in >> 1 / lambda_min(A).
+
+``ensemble=True`` re-programs the device before every batch (each with its own burn-in): on a
+device with stochastic rounding of its conductance and bias codes, every batch then sees an
+independent rounding, the average cancels the rounding error to first order, and the standard
+error includes it (ensemble averaging, Aifer et al., arXiv:2401.16231).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def _batches(batches: int) -> int:
 
 
 def solve(a: np.ndarray | Drift, b: np.ndarray, *, duration: float = 100.0, burn_in: float = 10.0,
-          batches: int = 10, device: Device | None = None, profile: str = "ideal",
+          batches: int = 10, ensemble: bool = False, device: Device | None = None, profile: str = "ideal",
           overrides: dict[str, Any] | None = None, seed: int = 0) -> LinalgResult:
     """Estimate A^-1 b as the time-averaged state of the device.
 
@@ -65,18 +70,27 @@ def solve(a: np.ndarray | Drift, b: np.ndarray, *, duration: float = 100.0, burn
         b: right-hand side (N,).
         duration: total averaging time in tau, split into ``batches`` runs.
         burn_in: time in tau before averaging starts (from the zero state).
+        ensemble: re-program before every batch (independent stochastic roundings).
         device: a Device to use; by default an Emulator(load_profile(profile, overrides), seed).
     """
     dev = _device(device, profile, overrides, seed)
     nb = _batches(batches)
-    dev.program(_as_drift(a), b)
-    first = dev.run(burn_in, burn_in=burn_in, reset=True)
+    drift = _as_drift(a)
     seg = duration / nb
-    means = np.stack([dev.run(seg).mean for _ in range(nb)])
-    x = means.mean(axis=0)
-    se = means.std(axis=0, ddof=1) / np.sqrt(nb)
-    analog = first.analog_time_s + nb * seg * dev.info().get("tau_s", 0.0)
-    return LinalgResult(x, se, analog, {"batches": nb, "duration": duration, "burn_in": burn_in})
+    means = []
+    analog = 0.0
+    for k in range(nb):
+        if k == 0 or ensemble:
+            dev.program(drift, b)
+            r = dev.run(burn_in + seg, burn_in=burn_in, reset=True)
+        else:
+            r = dev.run(seg)
+        analog += r.analog_time_s
+        means.append(r.mean)
+    m = np.stack(means)
+    se = m.std(axis=0, ddof=1) / np.sqrt(nb)
+    return LinalgResult(m.mean(axis=0), se, analog,
+                        {"batches": nb, "duration": duration, "burn_in": burn_in, "ensemble": ensemble})
 
 
 def inverse(a: np.ndarray | Drift, *, duration: float = 1000.0, burn_in: float = 10.0, batches: int = 10,

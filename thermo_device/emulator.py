@@ -226,8 +226,8 @@ class Emulator:
         scale = self._current.realized.scale if self._current is not None else 1.0
         self._state = arr / scale
 
-    def calibrate(self, n: int | None = None, *, duration: float = 200.0, burn_in: float = 20.0,
-                  probe: float = 0.25) -> dict[str, Any]:
+    def calibrate(self, n: int | None = None, *, duration: float = 3000.0, burn_in: float = 20.0,
+                  probe: float = 0.5) -> dict[str, Any]:
         """Measure this chip's coupling gains, input gains and offsets for Dense drifts of size n.
 
         Later Dense programs of that size are pre-distorted to cancel them (``calibration.py``).

@@ -44,12 +44,12 @@ class Realized:
 
 
 def _couplings(profile: Profile, chip: Chip, drift: Drift, rng: np.random.Generator,
-               underdamped: bool) -> tuple[Drift, np.ndarray | None, np.ndarray]:
+               underdamped: bool, rounding: str) -> tuple[Drift, np.ndarray | None, np.ndarray]:
     """(realised drift, J^T array or None, the codes written for the main array)."""
     cfg = profile.coupling
 
     def q(a: np.ndarray) -> np.ndarray:
-        return quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, cfg.rounding, rng)
+        return quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, rounding, rng)
 
     if isinstance(drift, Dense):
         a = q(drift.matrix)
@@ -82,14 +82,16 @@ def realize(profile: Profile, chip: Chip, drift: Drift, b_host: np.ndarray, rng:
             calibration: Calibration | None, *, unit_scale: bool = False) -> Realized:
     """Program the chip; invalid or unstable input raises before anything is kept.
 
-    ``unit_scale`` forces s = 1 (the calibration probes work in physical units).
+    ``unit_scale`` forces s = 1 and nearest rounding (the calibration probes work in physical
+    units with codes the controller knows in advance).
     """
     dyn = profile.device.dynamics
     n = drift.dim
     cal = calibration if calibration is not None and calibration.applies_to(drift) else None
     if cal is not None:
         drift = cal.predistort(drift)
-    phys, j_out, written = _couplings(profile, chip, drift, rng, underdamped=dyn == "underdamped")
+    phys, j_out, written = _couplings(profile, chip, drift, rng, dyn == "underdamped",
+                                      "nearest" if unit_scale else profile.coupling.rounding)
     report: dict[str, Any] = {"calibrated": cal is not None, "couplings_written": written}
     if dyn == "underdamped":
         u = profile.underdamped
@@ -103,7 +105,8 @@ def realize(profile: Profile, chip: Chip, drift: Drift, b_host: np.ndarray, rng:
     b = b_host / scale
     if cal is not None:
         b = b - cal.offset
-    b, clipped = quantize(b, profile.dac.bits, profile.dac.full_scale, profile.dac.rounding, rng)
+    b, clipped = quantize(b, profile.dac.bits, profile.dac.full_scale,
+                          "nearest" if unit_scale else profile.dac.rounding, rng)
     report["bias_written"] = b
     gain, offset = chip.input_gain(n), chip.offset(n)
     if gain is not None:
