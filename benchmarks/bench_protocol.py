@@ -1,0 +1,349 @@
+"""Protocol overhead against raw pyzmq, measured in one run; writes benchmarks/results/protocol.json.
+
+What is measured (all over tcp loopback, daemons in separate processes started with subprocess):
+
+1. Small ``step`` round trip (N = 64, Diagonal drift, bias, duration 0.1 tau: one ADC sample)
+   through ``DeviceClient`` against
+   a. a daemon serving a *null* backend (program/run do no physics): the protocol alone, i.e.
+      client encode + daemon decode, validation (drift constructor, bias and run arguments),
+      dispatch, reply encode + client decode;
+   b. a daemon serving the Emulator (``ideal`` profile): what a host really sees;
+   c. raw pyzmq: a DEALER sending the very same request frames to a ROUTER that answers with a
+      reply of the very same bytes (no parsing).
+   The three are interleaved in rounds so machine load hits them alike; median and p99.
+2. Large ``program`` (Factored, J 64 x 100,000 float32 + H 64 x 64, 25.6 MB) through the client
+   against the null daemon, vs raw pyzmq sending the same J buffer zero-copy to a ROUTER that
+   views it with np.frombuffer and answers a short frame. Interleaved; median throughput.
+   The daemon reports ``compute_us`` (drift validation incl. the NaN/Inf scan of J, plus the
+   backend's no-op program); "wire" throughput subtracts it.
+3. Daemon RSS over 1,000 large programs (null daemon) and 1,000 small programs (Emulator
+   daemon, Dense 64).
+
+Run: python3 benchmarks/bench_protocol.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from host.client import DeviceClient  # noqa: E402
+from protocol import Diagonal, Factored, RunResult  # noqa: E402
+from protocol.codec import encode, reply_header, request_header, result_to_wire  # noqa: E402
+from protocol.drift import Dense, Drift  # noqa: E402
+
+N_SMALL = 64
+J_SHAPE = (64, 100_000)
+
+
+# -- servers (run in subprocesses) ---------------------------------------------------------------------
+
+
+class NullDevice:
+    """A Device that does no physics: isolates the protocol's cost."""
+
+    def __init__(self) -> None:
+        self._state = np.zeros(0)
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "null", "cells": 1 << 20}
+
+    def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
+        if self._state.shape[0] != drift.dim:
+            self._state = np.zeros(drift.dim)
+
+    def run(self, duration: float, **kw: Any) -> RunResult:
+        return RunResult(mean=self._state, state=self._state, analog_time_s=duration * 1e-6,
+                         diagnostics={"method": "null", "adc_samples": 1})
+
+    def step(self, drift: Drift, bias: np.ndarray | None, duration: float, **kw: Any) -> RunResult:
+        self.program(drift, bias)
+        return self.run(duration, **kw)
+
+    @property
+    def state(self) -> np.ndarray:
+        return self._state.copy()
+
+    @state.setter
+    def state(self, value: np.ndarray) -> None:
+        self._state = np.array(value, dtype=np.float64)
+
+    def close(self) -> None:
+        pass
+
+
+def serve_null(bind: str) -> None:
+    from protocol.messages import Limits
+    from thermo_device.daemon import Daemon
+
+    daemon = Daemon(lambda seed: NullDevice(), bind, limits=Limits(max_dimension=1 << 20))
+    endpoint = daemon.start()
+    print(f"serving {endpoint} instance {daemon.instance}", flush=True)
+    daemon.serve()
+
+
+def serve_raw(bind: str) -> None:
+    """ROUTER that answers every message with the frames last given to it by a b"SET" message."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(bind)
+    print(f"serving {sock.getsockopt_string(zmq.LAST_ENDPOINT)} instance raw", flush=True)
+    reply: list[Any] = [b"ack"]
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if frames[1].bytes == b"SET":
+            reply = [f.bytes for f in frames[2:]]
+            sock.send_multipart([frames[0], b"ok"])
+            continue
+        if len(frames) > 2 and len(frames[2]) > 65536:  # bulk: view the array as the daemon would
+            np.frombuffer(frames[2].buffer, dtype=np.float32)
+        sock.send_multipart([frames[0], *reply])
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    line = proc.stdout.readline().decode() if ready else ""
+    m = re.match(r"serving (\S+)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stats_us(samples_ns: list[int]) -> dict[str, float]:
+    a = np.asarray(samples_ns) / 1e3
+    return {"median_us": round(float(np.median(a)), 1), "p99_us": round(float(np.percentile(a, 99)), 1),
+            "n": int(a.size)}
+
+
+# -- measurements ----------------------------------------------------------------------------------------
+
+
+def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, rounds: int, per_round: int) -> dict[str, Any]:
+    drift = Diagonal(np.linspace(1.0, 2.0, N_SMALL))
+    bias = np.ones(N_SMALL)
+    kw = {"duration": 0.1}
+    real = emu.step(drift, bias, **kw)
+    # The raw peer gets the same request bytes and answers with a reply of the same size.
+    spec = {"form": "diagonal"}
+    args = {"drift": spec, "duration": 0.1, "burn_in": 0.0, "delay": 0.0, "reset": False, "samples": 0,
+            "second_moment": False}
+    req = encode(request_header("step", 123456, null.session, 10**9, args), {"diag": drift.diag, "bias": bias})
+    res, arrays = result_to_wire(real)
+    rep = encode(reply_header({"op": "step", "id": 123456, "session": null.session, "seq": 10**9}, "0" * 32,
+                              result=res, timing={"queue_us": 10.0, "compute_us": 50.0}), arrays)
+    req_b = [f if isinstance(f, bytes) else f.tobytes() for f in req]
+    rep_b = [f if isinstance(f, bytes) else f.tobytes() for f in rep]
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(raw_ep)
+    raw.send_multipart([b"SET", *rep_b])
+    raw.recv_multipart()
+
+    def raw_rt() -> None:
+        raw.send_multipart(req_b)
+        raw.recv_multipart(copy=False)
+
+    fns = {"raw_pyzmq": raw_rt, "protocol_null_backend": lambda: null.step(drift, bias, **kw),
+           "protocol_emulator": lambda: emu.step(drift, bias, **kw)}
+    samples: dict[str, list[int]] = {k: [] for k in fns}
+    for f in fns.values():
+        for _ in range(300):
+            f()
+    for _ in range(rounds):
+        for name, f in fns.items():
+            out = samples[name]
+            for _ in range(per_round):
+                t = time.perf_counter_ns()
+                f()
+                out.append(time.perf_counter_ns() - t)
+    raw.close(0)
+    out = {k: stats_us(v) for k, v in samples.items()}
+    out["request_bytes"] = sum(len(f) for f in req_b)
+    out["reply_bytes"] = sum(len(f) for f in rep_b)
+    base = out["raw_pyzmq"]
+    for k in ("protocol_null_backend", "protocol_emulator"):
+        out[k]["median_ratio_vs_raw"] = round(out[k]["median_us"] / base["median_us"], 3)
+        out[k]["p99_ratio_vs_raw"] = round(out[k]["p99_us"] / base["p99_us"], 3)
+    return out
+
+
+def emulator_step_compute_us(endpoint: str, n: int = 300) -> float:
+    """Median daemon-side compute time of the small step on the Emulator (from reply timing)."""
+    from protocol.messages import Op
+
+    dev = DeviceClient(endpoint, seed=1, timeout=30)
+    drift, bias = Diagonal(np.linspace(1.0, 2.0, N_SMALL)), np.ones(N_SMALL)
+    spec = {"form": "diagonal"}
+    args = {"drift": spec, "duration": 0.1}
+    vals = [dev._call(Op.STEP, args, {"diag": drift.diag, "bias": bias}, mutating=True).header["timing"]["compute_us"]
+            for _ in range(n)]
+    dev.close()
+    return round(float(np.median(vals)), 1)
+
+
+def large_program(null: DeviceClient, raw_ep: str, reps: int) -> dict[str, Any]:
+    from protocol.messages import Op
+
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal(J_SHAPE, dtype=np.float32)
+    H = np.eye(J_SHAPE[0], dtype=np.float32)
+    drift = Factored(J, H, 0.1)
+    spec, arrays = {"form": "factored", "damping": 0.1}, {"J": J, "H": H}
+    nbytes = J.nbytes + H.nbytes
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(raw_ep)
+    raw.send_multipart([b"SET", b"ack"])
+    raw.recv_multipart()
+    header = encode(request_header("program", 1, "x" * 32, 1, {"drift": spec}), {"J": J[:1, :1]})[0]
+
+    def raw_send() -> None:
+        raw.send_multipart([header, J, H], copy=False)
+        raw.recv_multipart()
+
+    t_raw: list[float] = []
+    t_proto: list[float] = []
+    compute: list[float] = []
+    for i in range(reps + 2):
+        t = time.perf_counter()
+        raw_send()
+        dt_raw = time.perf_counter() - t
+        t = time.perf_counter()
+        msg = null._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)
+        dt_proto = time.perf_counter() - t
+        if i >= 2:
+            t_raw.append(dt_raw)
+            t_proto.append(dt_proto)
+            compute.append(msg.header["timing"]["compute_us"] / 1e6)
+    raw.close(0)
+    del drift
+    mr, mp, mc = (float(np.median(x)) for x in (t_raw, t_proto, compute))
+    return {
+        "payload_bytes": nbytes,
+        "raw_pyzmq_zero_copy": {"median_ms": round(mr * 1e3, 2), "GB_per_s": round(nbytes / mr / 1e9, 3)},
+        "protocol_program": {"median_ms": round(mp * 1e3, 2), "GB_per_s": round(nbytes / mp / 1e9, 3),
+                             "ratio_vs_raw": round(mr / mp, 3)},
+        "daemon_validation_ms": round(mc * 1e3, 2),
+        "protocol_wire_only": {"median_ms": round((mp - mc) * 1e3, 2),
+                               "GB_per_s": round(nbytes / (mp - mc) / 1e9, 3),
+                               "ratio_vs_raw": round(mr / (mp - mc), 3)},
+        "reps": reps,
+    }
+
+
+def rss_over_programs(client: DeviceClient, pid: int, drift: Drift, n: int) -> dict[str, Any]:
+    trace = []
+    for i in range(n):
+        client.program(drift)
+        if i % 100 == 99 or i == 0:
+            trace.append(round(rss_mb(pid), 1))
+    payload_mb = sum(a.nbytes for a in vars(drift).values() if isinstance(a, np.ndarray)) / 2**20
+    growth = max(trace[1:]) - trace[1]
+    return {"programs": n, "payload_mb": round(payload_mb, 2), "rss_mb_every_100": trace,
+            "growth_after_first_100_mb": round(growth, 1),
+            "flat": bool(growth <= max(1.2 * payload_mb, 8.0))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "protocol.json"))
+    ap.add_argument("--serve-null")
+    ap.add_argument("--serve-raw")
+    args = ap.parse_args()
+    if args.serve_null:
+        return serve_null(args.serve_null)
+    if args.serve_raw:
+        return serve_raw(args.serve_raw)
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    bind = "tcp://127.0.0.1:*"
+    procs = []
+    try:
+        raw_p, raw_ep = start([*me, "--serve-raw", bind])
+        null_p, null_ep = start([*me, "--serve-null", bind])
+        emu_p, emu_ep = start([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal", "--bind", bind,
+                               "--set", "device.cells=131072", "--log-level", "WARNING"])
+        procs = [raw_p, null_p, emu_p]
+        null = DeviceClient(null_ep, seed=0, timeout=60)
+        emu = DeviceClient(emu_ep, seed=0, timeout=600)
+        rounds, per_round, reps, n_rss = (3, 200, 5, 100) if args.quick else (10, 500, 30, 1000)
+
+        small = small_step(null, emu, raw_ep, rounds, per_round)
+        small["emulator_daemon_compute_median_us"] = emulator_step_compute_us(emu_ep)
+        large = large_program(null, raw_ep, reps)
+        rng = np.random.default_rng(1)
+        big = Factored(rng.standard_normal(J_SHAPE, dtype=np.float32), np.eye(64, dtype=np.float32), 0.1)
+        rss_big = rss_over_programs(null, null_p.pid, big, n_rss)
+        m = rng.standard_normal((64, 64))
+        rss_small = rss_over_programs(emu, emu_p.pid, Dense(m @ m.T / 64 + np.eye(64)), n_rss)
+        t = time.perf_counter()
+        emu.program(big)
+        emu_big_program_s = time.perf_counter() - t
+        null.close()
+        emu.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    targets = {
+        "small_step_median_ratio_max": 1.25, "small_step_p99_ratio_max": 1.5, "large_program_throughput_min": 0.9,
+    }
+    ns = small["protocol_null_backend"]
+    result = {
+        "what": __doc__,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
+                    "libzmq": zmq.zmq_version(), "numpy": np.__version__, "transport": "tcp loopback",
+                    "loadavg_at_end": list(os.getloadavg())},
+        "small_step": small,
+        "large_program": large,
+        "emulator_large_program_end_to_end_s": round(emu_big_program_s, 3),
+        "daemon_rss_large_programs_null_backend": rss_big,
+        "daemon_rss_small_programs_emulator": rss_small,
+        "targets": targets,
+        "met": {
+            "small_step_median (null backend)": ns["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
+            "small_step_p99 (null backend)": ns["p99_ratio_vs_raw"] <= targets["small_step_p99_ratio_max"],
+            "large_program_throughput (with validation)":
+                large["protocol_program"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
+            "large_program_throughput (wire only)":
+                large["protocol_wire_only"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
+            "rss_flat": rss_big["flat"] and rss_small["flat"],
+        },
+        "quick": args.quick,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("small_step", "large_program", "met")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""DeviceClient: a ``protocol.Device`` that lives in a ``thermo-device serve`` daemon.
+
+One client = one session on the daemon = one device with its own state and noise stream. Calls
+are synchronous; every call has a deadline (``timeout`` seconds) and ends either with the reply
+or with a typed exception (``DeviceTimeoutError`` when the deadline passes).
+
+Reliability (the zguide's Lazy Pirate, adapted to a non-idempotent device):
+
+* DEALER socket, never REQ (a REQ socket is wedged after one lost reply), linger 0, IMMEDIATE
+  (requests are never queued for a daemon that is not connected).
+* On a timeout the socket is closed and reopened, which discards anything queued for a dead
+  daemon. With ``retries > 0`` the same request (same sequence number) is re-sent within the
+  deadline; the daemon replays its cached reply if it already ran it, so a step never runs twice.
+* Every reply carries the daemon's instance id. When it changes the daemon was restarted and the
+  session is gone. With ``restore=True`` (default) the client opens a new session with the same
+  seed, re-programs the last drift and bias, sets the last known analog state (from the last
+  run/step reply or ``state =``), logs a warning and re-sends the call. The noise stream restarts
+  with the seed, so numbers after a restore are not bit-identical to an uninterrupted run. With
+  ``restore=False`` it raises ``UnknownSessionError`` instead.
+
+Inputs are not copied before sending: do not modify an array in place while a call that sends it
+is in progress, nor the arrays of the last ``program`` if you rely on restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import zmq
+
+from protocol.codec import (
+    Message,
+    decode,
+    drift_to_wire,
+    encode,
+    error_from_payload,
+    plain,
+    request_header,
+    result_from_wire,
+    send,
+)
+from protocol.device import RunResult
+from protocol.drift import Drift
+from protocol.errors import (
+    DeviceError,
+    DeviceTimeoutError,
+    InvalidInputError,
+    ProtocolError,
+    UnknownSessionError,
+)
+from protocol.messages import FEATURES, PROTOCOL_VERSION, STATUS_OK, Limits, Op
+
+log = logging.getLogger("host.client")
+
+# The client accepts what the daemon sends (it asked for it); the limits only stop a broken peer.
+_REPLY_LIMITS = Limits(max_message_bytes=1 << 40, max_dimension=1 << 40, max_header_bytes=16 << 20)
+
+
+class DeviceClient:
+    """A remote device.
+
+    Args:
+        address: "tcp://host:port" or "ipc://path" of a ``thermo-device serve`` daemon.
+        seed: noise seed of the session (None means 0, as for the embedded device).
+        timeout: deadline of every call, in seconds (a long run needs a long enough one).
+        retries: re-sends of a request within its deadline, each on a fresh socket.
+        restore: after a daemon restart, restore the session (see the module docstring).
+        context: a pyzmq Context (default: the process-wide one).
+    """
+
+    def __init__(self, address: str, seed: int | None = None, *, timeout: float = 10.0, retries: int = 0,
+                 restore: bool = True, context: zmq.Context | None = None) -> None:
+        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+            raise InvalidInputError(f"address must be tcp://host:port or ipc://path, got {address!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InvalidInputError(f"seed must be a non-negative integer or None, got {seed!r}")
+        if not timeout > 0:
+            raise InvalidInputError(f"timeout must be positive, got {timeout!r}")
+        self.address = address
+        self.seed = None if seed is None else int(seed)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.restore = restore
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._req_id = 0
+        self._seq = 0
+        self._session: str | None = None
+        self._closed = False
+        self._restoring = False
+        self._last_program: tuple[Drift, np.ndarray | None] | None = None
+        self._last_state: np.ndarray | None = None
+        self.instance: str = ""
+        self.daemon: dict[str, Any] = {}
+        self._open_socket()
+        try:
+            self._connect_session()
+        except BaseException:
+            self._close_socket()
+            raise
+
+    # -- Device interface ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """The backend's capabilities, plus a "remote" entry (address, daemon instance, protocol)."""
+        info = dict(self._call(Op.INFO).header["result"].get("info", {}))
+        info["remote"] = {"address": self.address, "instance": self.instance, "session": self._session,
+                          "protocol": self.daemon.get("protocol"), "versions": self.daemon.get("versions")}
+        return info
+
+    def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
+        spec, arrays = _drift_args(drift, bias)
+        self._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)
+        prev = self._last_program
+        if prev is not None and prev[0].dim != drift.dim:
+            self._last_state = None  # the device resets its state when the size changes
+        self._last_program = (drift, bias)
+
+    def run(self, duration: float, *, burn_in: float = 0.0, delay: float = 0.0, reset: bool = False,
+            samples: int = 0, second_moment: bool = False) -> RunResult:
+        args = _run_args(duration, burn_in, delay, reset, samples, second_moment)
+        msg = self._call(Op.RUN, args, mutating=True)
+        return self._result(msg)
+
+    def step(self, drift: Drift, bias: np.ndarray | None, duration: float, *, burn_in: float = 0.0,
+             delay: float = 0.0, reset: bool = False, samples: int = 0,
+             second_moment: bool = False) -> RunResult:
+        spec, arrays = _drift_args(drift, bias)
+        args = _run_args(duration, burn_in, delay, reset, samples, second_moment)
+        args["drift"] = spec
+        msg = self._call(Op.STEP, args, arrays, mutating=True)
+        prev = self._last_program
+        if prev is not None and prev[0].dim != drift.dim:
+            self._last_state = None
+        self._last_program = (drift, bias)
+        return self._result(msg)
+
+    @property
+    def state(self) -> np.ndarray:
+        return self._call(Op.GET_STATE).arrays["state"]
+
+    @state.setter
+    def state(self, value: np.ndarray) -> None:
+        arr = np.asarray(value)
+        self._call(Op.SET_STATE, {}, {"state": arr}, mutating=True)
+        self._last_state = np.array(arr, dtype=np.float64)
+
+    def close(self) -> None:
+        """End the session on the daemon (best effort, short deadline) and close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._session is not None and self._sock is not None:
+                self._call(Op.CLOSE_SESSION, mutating=True, timeout=min(self.timeout, 1.0), recover=False)
+        except DeviceError as exc:
+            log.debug("close_session failed: %s", exc)
+        finally:
+            self._close_socket()
+
+    # -- beyond the Device interface -------------------------------------------------------------------
+
+    def ping(self) -> float:
+        """Round-trip time of a ping, in seconds (answered even while a long run is going on)."""
+        t0 = time.perf_counter()
+        self._call(Op.PING, session=False)
+        return time.perf_counter() - t0
+
+    def status(self) -> dict[str, Any]:
+        """Daemon telemetry, with this session's counters under "session_status"."""
+        return dict(self._call(Op.STATUS).header["result"])
+
+    def calibrate(self, **options: Any) -> dict[str, Any]:
+        """Run the device's calibration (raises UnsupportedError on backends without one)."""
+        return dict(self._call(Op.CALIBRATE, plain(options), mutating=True).header["result"])
+
+    @property
+    def session(self) -> str | None:
+        return self._session
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # sockets must not outlive the object (linger is 0, so this is quick)
+        try:
+            self._close_socket()
+        except Exception:
+            pass
+
+    # -- session set-up and restore ---------------------------------------------------------------------
+
+    def _connect_session(self) -> None:
+        reply = self._call(Op.HELLO, {"features": list(FEATURES), "client": "thermo-ngd host"},
+                           session=False, recover=False).header
+        result = reply["result"]
+        proto = result.get("protocol")
+        if not isinstance(proto, list) or not proto or proto[0] != PROTOCOL_VERSION[0]:
+            raise ProtocolError(f"daemon speaks protocol {proto}, this client {list(PROTOCOL_VERSION)}",
+                                code=None)
+        self.instance = reply["instance"]
+        self.daemon = result
+        self._session = uuid.uuid4().hex
+        self._seq = -1  # open_session carries seq 0
+        self._call(Op.OPEN_SESSION, {"seed": self.seed}, mutating=True, recover=False)
+
+    def _restore(self, new_instance: str) -> None:
+        old = self.instance
+        log.warning("daemon at %s restarted (instance %s -> %s); restoring the session",
+                    self.address, old[:8], new_instance[:8])
+        self._restoring = True
+        try:
+            self._connect_session()
+            if self._last_program is not None:
+                drift, bias = self._last_program
+                spec, arrays = _drift_args(drift, bias)
+                self._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True, recover=False)
+            if self._last_state is not None and self._last_state.size:
+                self._call(Op.SET_STATE, {}, {"state": self._last_state}, mutating=True, recover=False)
+        finally:
+            self._restoring = False
+
+    # -- one request ----------------------------------------------------------------------------------
+
+    def _call(self, op: Op, args: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
+              *, session: bool = True, mutating: bool = False, timeout: float | None = None,
+              recover: bool = True) -> Message:
+        if self._closed and op is not Op.CLOSE_SESSION:
+            raise InvalidInputError("the device client is closed")
+        if self._sock is None:
+            self._open_socket()
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self._req_id += 1
+        req_id = self._req_id
+        seq = None
+        if mutating:
+            self._seq += 1
+            seq = self._seq
+        frames = encode(request_header(op.value, req_id, self._session if session else None, seq, args), arrays)
+        attempts = self.retries + 1
+        msg = None
+        for attempt in range(attempts):
+            now = time.monotonic()
+            attempt_deadline = now + (deadline - now) / (attempts - attempt)
+            msg = self._exchange(frames, req_id, attempt_deadline)
+            if msg is not None:
+                break
+            self._reopen()  # Lazy Pirate: a fresh socket drops whatever was queued for a dead peer
+        if msg is None:
+            raise DeviceTimeoutError(f"no reply from {self.address} to {op.value} within {timeout:.3g} s "
+                                     "(daemon down, stuck or unreachable); the socket was reset")
+        header = msg.header
+        instance = header.get("instance")
+        if self.instance and instance != self.instance and recover:
+            if not self.restore or self._restoring:
+                raise UnknownSessionError(f"the daemon at {self.address} restarted (instance "
+                                          f"{self.instance[:8]} -> {str(instance)[:8]}); its session and "
+                                          "analog state are gone")
+            self._restore(str(instance))
+            return self._call(op, args, arrays, session=session, mutating=mutating, timeout=timeout,
+                              recover=False)
+        if header.get("status") != STATUS_OK:
+            raise error_from_payload(header.get("error"))
+        if not isinstance(header.get("result", {}), dict):
+            raise ProtocolError("reply result must be a map")
+        header.setdefault("result", {})
+        return msg
+
+    def _exchange(self, frames: list[Any], req_id: int, deadline: float) -> Message | None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int((deadline - time.monotonic()) * 1000)))
+            send(sock, frames)
+        except zmq.Again:  # IMMEDIATE: no connected daemon within the deadline
+            return None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.setsockopt(zmq.RCVTIMEO, max(1, int(remaining * 1000)))
+            try:
+                reply = sock.recv_multipart(copy=False)
+            except zmq.Again:
+                return None
+            msg = decode(reply, _REPLY_LIMITS)
+            if msg.header.get("id") == req_id:
+                return msg
+            log.debug("discarding a late reply (id %s, awaiting %s)", msg.header.get("id"), req_id)
+
+    def _result(self, msg: Message) -> RunResult:
+        result = result_from_wire(msg.header["result"], msg.arrays)
+        self._last_state = result.state
+        return result
+
+    # -- socket ---------------------------------------------------------------------------------------
+
+    def _open_socket(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)  # never block interpreter exit on unsent requests
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a completed connection
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.address)
+        self._sock = sock
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _reopen(self) -> None:
+        self._close_socket()
+        self._open_socket()
+
+
+def _drift_args(drift: Drift, bias: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    spec, arrays = drift_to_wire(drift)
+    if bias is not None:
+        arrays["bias"] = np.asarray(bias)
+    return spec, arrays
+
+
+def _run_args(duration: float, burn_in: float, delay: float, reset: bool, samples: int,
+              second_moment: bool) -> dict[str, Any]:
+    return plain({"duration": duration, "burn_in": burn_in, "delay": delay, "reset": reset,
+                  "samples": samples, "second_moment": second_moment})

@@ -1,0 +1,351 @@
+"""The codec: ZeroMQ multipart <-> (header dict, named arrays), plus drift/result/error mapping.
+
+A message is ``[msgpack header, array frame 0, array frame 1, ...]``. The header lists each array
+as ``{"name", "frame", "dtype", "shape"}``; the frames are raw C-contiguous little-endian buffers.
+Large arrays are sent without a copy (pyzmq ``copy=False``) and received as ``np.frombuffer``
+views on the ZeroMQ frame. Nothing here pickles or evaluates data: a hostile peer can at worst
+make ``decode`` raise a ``ProtocolError`` (or a subclass), which the daemon turns into a reply.
+
+Decoding checks, in this order, before any array is built: total size, header size, header
+shape (msgpack map with the expected field types), version, then for every array its frame
+index, dtype (allow-list), shape (rank and axis limits) and the exact byte length of its frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import zmq
+
+from .device import RunResult
+from .drift import Dense, Diagonal, Drift, Factored, drift_form
+from .errors import (
+    DeviceError,
+    ErrorCode,
+    InvalidInputError,
+    ProtocolError,
+    TooLargeError,
+    VersionError,
+    error_class,
+)
+from .messages import (
+    PROTOCOL_NAME,
+    PROTOCOL_VERSION,
+    STATUS_ERROR,
+    STATUS_OK,
+    WIRE_DTYPES,
+    Limits,
+)
+
+_DTYPES = {s: np.dtype(s) for s in WIRE_DTYPES}
+_VERSION = list(PROTOCOL_VERSION)
+
+
+class Message(NamedTuple):
+    """A decoded message: the header and its arrays by name (views on the received frames)."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+# -- arrays --------------------------------------------------------------------------------------
+
+
+def wire_array(value: np.ndarray, name: str) -> np.ndarray:
+    """``value`` as a C-contiguous little-endian array of a wire dtype (a copy only if needed)."""
+    arr = np.asarray(value)
+    kind = arr.dtype.kind
+    if kind == "f":
+        target = "<f4" if arr.dtype.itemsize == 4 else "<f8"
+    elif kind in "iub":
+        target = "<i4" if arr.dtype.itemsize == 4 and kind == "i" else "<i8"
+    else:
+        raise InvalidInputError(f"{name}: dtype {arr.dtype} cannot travel on the wire "
+                                f"(allowed: {', '.join(WIRE_DTYPES)})")
+    out = np.ascontiguousarray(arr, dtype=_DTYPES[target])
+    return out if out.ndim == arr.ndim else out.reshape(arr.shape)  # keep 0-d arrays 0-d
+
+
+def encode(header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[Any]:
+    """Frames for ``header`` + ``arrays``; fills ``header["arrays"]``. Arrays are not copied
+    unless their dtype, byte order or layout needs it."""
+    descs = []
+    frames: list[Any] = [b""]
+    if arrays:
+        for i, (name, value) in enumerate(arrays.items()):
+            arr = wire_array(value, name)
+            descs.append({"name": name, "frame": i, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+            frames.append(arr)
+    header["arrays"] = descs
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def send(sock: zmq.Socket, frames: list[Any], envelope: Sequence[Any] = (), flags: int = 0) -> None:
+    """Send a multipart; zero-copy when an array frame is above pyzmq's copy threshold.
+
+    (pyzmq still copies the frames below ``sock.copy_threshold`` when ``copy=False``; small
+    messages go in one copying call, which is cheaper than tracking zero-copy frames.)
+    """
+    big = any(isinstance(f, np.ndarray) and f.nbytes >= zmq.COPY_THRESHOLD for f in frames)
+    sock.send_multipart([*envelope, *frames], flags=flags, copy=not big)
+
+
+def _view(frame: Any) -> memoryview:
+    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+
+
+def _unpack_header(view: memoryview, limits: Limits) -> dict[str, Any]:
+    if view.nbytes > limits.max_header_bytes:
+        raise TooLargeError(f"header of {view.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
+    try:
+        # Explicit limits so a hostile header cannot make msgpack allocate much.
+        header = msgpack.unpackb(
+            view, raw=False, strict_map_key=True, use_list=True, max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes, max_array_len=4096, max_map_len=256, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types (ValueError, ExtraData, ...)
+        raise ProtocolError(f"header is not a valid msgpack document ({type(exc).__name__}: {exc})") from exc
+    if type(header) is not dict:
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def check_version(header: Mapping[str, Any]) -> None:
+    """Refuse a foreign or incompatible peer (every message carries the version)."""
+    if header.get("proto") != PROTOCOL_NAME:
+        raise ProtocolError(f"not a {PROTOCOL_NAME} message (proto = {header.get('proto')!r})")
+    version = header.get("version")
+    if (type(version) is not list or len(version) != 2
+            or not all(type(v) is int for v in version)):
+        raise ProtocolError(f"version must be [major, minor], got {version!r}")
+    if version[0] != PROTOCOL_VERSION[0]:
+        raise VersionError(f"protocol version {version[0]}.{version[1]} is not compatible with "
+                           f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]} (major versions differ)")
+
+
+def _spec(i: int, d: Any, view: memoryview, limits: Limits,
+          seen: set[str]) -> tuple[str, np.dtype, list[int], int]:
+    """Check one array descriptor against its frame: (name, dtype, shape, element count)."""
+    if type(d) is not dict:
+        raise ProtocolError(f"arrays[{i}] must be a map")
+    name, frame, dtype, shape = d.get("name"), d.get("frame"), d.get("dtype"), d.get("shape")
+    if type(name) is not str or not name or len(name) > 64 or name in seen:
+        raise ProtocolError(f"arrays[{i}].name must be a unique non-empty string, got {name!r}")
+    seen.add(name)
+    if frame != i or type(frame) is not int:
+        raise ProtocolError(f"arrays[{i}] ({name}): frame must be {i}, got {frame!r}")
+    dt = _DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
+        raise ProtocolError(f"array {name}: dtype {dtype!r} is not allowed (allowed: {', '.join(WIRE_DTYPES)})")
+    if (type(shape) is not list or len(shape) > limits.max_ndim
+            or not all(type(s) is int and s >= 0 for s in shape)):
+        raise ProtocolError(f"array {name}: shape must be a list of at most {limits.max_ndim} "
+                            f"non-negative integers, got {shape!r}")
+    if shape and max(shape) > limits.max_dimension:
+        raise TooLargeError(f"array {name}: shape {shape} has an axis above the limit {limits.max_dimension}")
+    count = math.prod(shape)  # Python ints: no overflow
+    if count * dt.itemsize != view.nbytes:
+        raise ProtocolError(f"array {name}: dtype {dtype} and shape {shape} need {count * dt.itemsize} "
+                            f"bytes, its frame has {view.nbytes}")
+    return name, dt, shape, count
+
+
+def _build(spec: tuple[str, np.dtype, list[int], int], view: memoryview) -> np.ndarray:
+    """A view on a checked frame (no copy)."""
+    name, dt, shape, count = spec
+    if count == 0:
+        return np.zeros(shape, dtype=dt)
+    arr = np.frombuffer(view, dtype=dt)
+    if len(shape) != 1:
+        arr = arr.reshape(shape)
+    if not arr.flags.aligned:  # only tiny frames stored inline by libzmq; copying them is free
+        arr = arr.copy()
+    return arr
+
+
+def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Message:
+    """Parse and check a multipart (without routing envelope). Raises ProtocolError subclasses.
+
+    Every size, count, dtype and shape is checked before the first array view is made.
+    ``check=False`` skips the version check.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    views = [_view(f) for f in frames]
+    total = sum(v.nbytes for v in views)
+    if total > limits.max_message_bytes:
+        raise TooLargeError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    header = _unpack_header(views[0], limits)
+    try:
+        if check:
+            check_version(header)
+        descs = header.get("arrays", [])
+        if type(descs) is not list:
+            raise ProtocolError("header.arrays must be a list")
+        if len(descs) > limits.max_arrays:
+            raise TooLargeError(f"{len(descs)} arrays exceed the limit of {limits.max_arrays}")
+        if len(descs) != len(views) - 1:
+            raise ProtocolError(f"header declares {len(descs)} array(s) but the message has "
+                                f"{len(views) - 1} array frame(s)")
+        seen: set[str] = set()
+        specs = [_spec(i, d, views[i + 1], limits, seen) for i, d in enumerate(descs)]
+    except DeviceError as exc:
+        exc.header = header  # type: ignore[attr-defined]  # lets an error reply echo the request id
+        raise
+    return Message(header, {spec[0]: _build(spec, v) for spec, v in zip(specs, views[1:], strict=True)})
+
+
+# -- headers -------------------------------------------------------------------------------------
+
+
+def request_header(op: str, req_id: int, session: str | None = None, seq: int | None = None,
+                   args: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"proto": PROTOCOL_NAME, "version": _VERSION, "op": op, "id": req_id, "session": session,
+            "seq": seq, "args": args or {}}
+
+
+def check_request(header: Mapping[str, Any]) -> tuple[str, int, str | None, int | None, dict[str, Any]]:
+    """(op, id, session, seq, args) of a request header, type-checked (ProtocolError otherwise)."""
+    op, req_id, session, seq = header.get("op"), header.get("id"), header.get("session"), header.get("seq")
+    args = header.get("args", {})
+    if not isinstance(op, str) or not op:
+        raise ProtocolError(f"op must be a non-empty string, got {op!r}")
+    if isinstance(req_id, bool) or not isinstance(req_id, int) or req_id < 0:
+        raise ProtocolError(f"id must be a non-negative integer, got {req_id!r}")
+    if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 64):
+        raise ProtocolError(f"session must be null or a string of 1 to 64 characters, got {session!r}")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        raise ProtocolError(f"seq must be null or a non-negative integer, got {seq!r}")
+    if not isinstance(args, dict):
+        raise ProtocolError(f"args must be a map, got {type(args).__name__}")
+    return op, req_id, session, seq, args
+
+
+def reply_header(request: Mapping[str, Any] | None, instance: str, *, result: dict[str, Any] | None = None,
+                 error: DeviceError | None = None, timing: dict[str, float] | None = None) -> dict[str, Any]:
+    """A reply echoing the request's op, id, session and seq (None when the request was unreadable).
+
+    ``result`` must already be msgpack-native (see ``plain``).
+    """
+    req = request if isinstance(request, Mapping) else {}
+
+    def echo(key: str) -> Any:
+        v = req.get(key)
+        return v if v is None or isinstance(v, (int, str)) and not isinstance(v, bool) else None
+
+    head = {"proto": PROTOCOL_NAME, "version": _VERSION, "op": echo("op"), "id": echo("id"),
+            "session": echo("session"), "seq": echo("seq"), "instance": instance}
+    if error is None:
+        head["status"] = STATUS_OK
+        head["result"] = result or {}
+    else:
+        head["status"] = STATUS_ERROR
+        head["error"] = error_payload(error)
+    if timing:
+        head["timing"] = timing
+    return head
+
+
+_NATIVE = (bool, int, float, str, bytes, type(None))
+
+
+def plain(value: Any) -> Any:
+    """``value`` made of msgpack-native types (NumPy scalars to Python numbers, tuples to lists)."""
+    if type(value) in _NATIVE:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): v if type(v) in _NATIVE else plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray) and value.size <= 4096:
+        return value.tolist()
+    return str(value)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def error_payload(exc: DeviceError) -> dict[str, str]:
+    return {"code": str(exc.code.value), "message": exc.message}
+
+
+def error_from_payload(error: Any) -> DeviceError:
+    """The typed exception for a reply's ``error`` map (DeviceError for codes this build lacks)."""
+    if not isinstance(error, Mapping):
+        return ProtocolError(f"malformed error in reply: {error!r}")
+    code, message = str(error.get("code", "")), str(error.get("message", ""))
+    cls = error_class(code)
+    if cls is DeviceError:
+        exc = DeviceError(f"[{code}] {message}")
+        exc.wire_code = code  # type: ignore[attr-defined]
+        return exc
+    return cls(message, code=ErrorCode(code))
+
+
+# -- drift descriptions and results --------------------------------------------------------------
+
+
+def drift_to_wire(drift: Drift) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(args["drift"], arrays) for a drift description."""
+    form = drift_form(drift)
+    if isinstance(drift, Dense):
+        return {"form": form}, {"matrix": drift.matrix}
+    if isinstance(drift, Factored):
+        return {"form": form, "damping": drift.damping}, {"J": drift.J, "H": drift.H}
+    return {"form": form}, {"diag": drift.diag}
+
+
+def drift_from_wire(spec: Any, arrays: Mapping[str, np.ndarray]) -> Drift:
+    """Rebuild a drift; the constructors check shapes and finiteness (typed errors)."""
+    if not isinstance(spec, Mapping):
+        raise InvalidInputError(f"args.drift must be a map, got {type(spec).__name__}")
+    form = spec.get("form")
+
+    def need(name: str) -> np.ndarray:
+        if name not in arrays:
+            raise InvalidInputError(f"{form} drift needs the array {name!r}")
+        return arrays[name]
+
+    if form == "dense":
+        return Dense(need("matrix"))
+    if form == "factored":
+        damping = spec.get("damping", 0.0)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise InvalidInputError(f"factored drift: damping must be a number, got {damping!r}")
+        return Factored(need("J"), need("H"), damping)
+    if form == "diagonal":
+        return Diagonal(need("diag"))
+    raise InvalidInputError(f"unknown drift form {form!r} (expected dense, factored or diagonal)")
+
+
+def result_to_wire(r: RunResult) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    arrays = {"mean": r.mean, "state": r.state}
+    if r.samples is not None:
+        arrays["samples"] = r.samples
+    if r.second_moment is not None:
+        arrays["second_moment"] = r.second_moment
+    return {"analog_time_s": float(r.analog_time_s), "diagnostics": plain(r.diagnostics)}, arrays
+
+
+def result_from_wire(result: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> RunResult:
+    if "mean" not in arrays or "state" not in arrays:
+        raise ProtocolError("run reply lacks the mean or state array")
+    diagnostics = result.get("diagnostics", {})
+    return RunResult(mean=arrays["mean"], state=arrays["state"], samples=arrays.get("samples"),
+                     second_moment=arrays.get("second_moment"),
+                     analog_time_s=float(result.get("analog_time_s", 0.0)),
+                     diagnostics=dict(diagnostics) if isinstance(diagnostics, Mapping) else {})
+
+
+__all__ = [
+    "Message", "check_request", "check_version", "decode", "drift_from_wire", "drift_to_wire", "encode",
+    "error_from_payload", "error_payload", "plain", "reply_header", "request_header",
+    "result_from_wire", "result_to_wire", "send", "wire_array", "STATUS_ERROR", "STATUS_OK",
+]

@@ -1,0 +1,481 @@
+"""The device daemon: serves any ``protocol.Device`` backend over a ZeroMQ ROUTER socket.
+
+Threads and the one socket:
+
+* The main thread owns the ROUTER. It receives, answers control operations (hello, info, ping,
+  status, open/close session) at once, and runs compute operations (program, run, step, state,
+  calibrate) itself, inline: a small ``step`` then costs no thread hand-off, which on a 2-core
+  machine would cost more than the whole protocol (about 90 us per round trip, measured).
+* A control thread watches for compute jobs that last longer than ``grace_s``. While one does, it
+  borrows the socket (under ``_sock_lock``; the lock is the memory barrier ZeroMQ asks for when a
+  socket changes threads) and keeps answering control operations, queueing compute requests in a
+  bounded queue and answering ``busy`` when it is full. So ping/status/close never wait behind a
+  long run, and short work pays nothing for that guarantee.
+
+Every failure becomes an error reply; no input can stop the loop. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from protocol.codec import (
+    check_request,
+    decode,
+    drift_from_wire,
+    encode,
+    plain,
+    reply_header,
+    result_to_wire,
+    send,
+)
+from protocol.device import Device
+from protocol.drift import as_finite_scalar, as_float_array
+from protocol.errors import (
+    BusyError,
+    CapacityError,
+    DeviceError,
+    InternalError,
+    InvalidInputError,
+    ProtocolError,
+    StaleRequestError,
+    UnknownOperationError,
+    UnknownSessionError,
+    UnsupportedError,
+)
+from protocol.messages import FEATURES, OPS, PROTOCOL_VERSION, Limits, Op
+
+from .session import Job, Session, SessionTable
+
+log = logging.getLogger("thermo_device.daemon")
+
+BackendFactory = Callable[[int], Device]
+MUTATING = frozenset({Op.OPEN_SESSION, Op.CLOSE_SESSION, Op.PROGRAM, Op.RUN, Op.STEP, Op.SET_STATE,
+                      Op.CALIBRATE})
+MAX_SAMPLES = 1 << 20
+
+
+def check_bind(address: str, allow_remote: bool = False) -> None:
+    """Refuse a non-loopback TCP bind unless asked for: the protocol has no authentication yet."""
+    if not address.startswith("tcp://"):
+        if not address.startswith(("ipc://", "inproc://")):
+            raise InvalidInputError(f"bind address must be tcp://, ipc:// or inproc://, got {address!r}")
+        return
+    host = address[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise InvalidInputError(f"refusing to bind {address}: not a loopback address and the protocol "
+                                "has no authentication; pass --allow-remote to do it anyway")
+
+
+class Daemon:
+    """Serve ``backend_factory(seed)`` devices, one per session, on ``bind``.
+
+    Args:
+        backend_factory: builds a fresh backend for a session from its noise seed.
+        bind: ZeroMQ endpoint ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:*", "ipc:///path").
+        limits: message, dimension, session and queue limits (advertised in ``hello``).
+        describe: the backend description sent in ``hello`` (default: a fresh backend's info()).
+        grace_s: how long a compute job runs before the control thread takes over the socket.
+        linger_ms: bound on how long unsent replies delay shutdown.
+    """
+
+    def __init__(self, backend_factory: BackendFactory, bind: str, *, limits: Limits | None = None,
+                 describe: dict[str, Any] | None = None, grace_s: float = 0.01,
+                 linger_ms: int = 1000) -> None:
+        self.factory = backend_factory
+        self.bind = bind
+        self.limits = limits or Limits()
+        self.instance = uuid.uuid4().hex
+        self.grace_s = grace_s
+        self.linger_ms = linger_ms
+        if describe is None:
+            probe = backend_factory(0)
+            describe = probe.info()
+            probe.close()
+        self.describe = describe
+        self.endpoint = ""
+        self.sessions = SessionTable(self.limits.max_sessions)
+        self.queue: collections.deque[Job] = collections.deque()
+        self.served = 0
+        self.errors = 0
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._sock_lock = threading.Lock()
+        self._running: tuple[Job, float] | None = None
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Create and bind the socket; returns the bound endpoint (a '*' port resolved)."""
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        sock.setsockopt(zmq.RCVHWM, 16)  # HWM counts messages: 16 x a large program is already a lot
+        sock.setsockopt(zmq.SNDHWM, 64)
+        sock.setsockopt(zmq.LINGER, self.linger_ms)
+        # Hard memory guard checked by libzmq on each frame's length before allocating it; the
+        # documented limit is enforced below it with an error reply.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + self.limits.max_header_bytes)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+        sock.setsockopt(zmq.RCVTIMEO, 100)  # the main loop wakes up to notice stop() and idle sessions  # drop non-ZeroMQ peers (port scanners) quickly
+        sock.bind(self.bind)
+        self._sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("event=start endpoint=%s instance=%s max_message_bytes=%d", self.endpoint, self.instance,
+                 self.limits.max_message_bytes)
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to finish (signal-safe: only sets a flag)."""
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run until ``stop()``; then close every session and the socket."""
+        if self._sock is None:
+            self.start()
+        control = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        control.start()
+        try:
+            self._main_loop()
+        finally:
+            self._stop.set()
+            control.join(timeout=2.0)
+            for s in list(self.sessions.open.values()):
+                self._close_backend(s)
+            assert self._sock is not None and self._ctx is not None
+            self._sock.close(linger=self.linger_ms)
+            self._ctx.term()
+            log.info("event=stop instance=%s served=%d errors=%d", self.instance, self.served, self.errors)
+
+    def _main_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while not self._stop.is_set():
+            if self.queue:
+                self._execute(self.queue.popleft())
+                continue
+            with self._sock_lock:
+                try:  # RCVTIMEO (one call) rather than poll + recv (two) on the hot path
+                    frames = sock.recv_multipart(copy=False)
+                except zmq.Again:
+                    self._reap_idle()
+                    continue
+                job = self._accept(frames, queue_compute=False)
+            if job is not None:
+                self._execute(job)
+
+    def _control_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        tick = min(self.grace_s / 2, 0.005)
+        while not self._stop.wait(tick):
+            running = self._running
+            if running is None or time.monotonic() - running[1] < self.grace_s:
+                continue
+            while self._running is running and not self._stop.is_set():
+                with self._sock_lock:
+                    if self._running is not running:
+                        break
+                    if sock.poll(2):
+                        self._accept(sock.recv_multipart(copy=False), queue_compute=True)
+
+    # -- receiving ----------------------------------------------------------------------------------
+
+    def _accept(self, frames: list[zmq.Frame], *, queue_compute: bool) -> Job | None:
+        """Parse a request; answer it now, or return (main) / enqueue (control) a compute job.
+
+        Called with ``_sock_lock`` held.
+        """
+        received = time.perf_counter_ns()
+        identity, body = frames[:1], frames[1:]
+        header: dict[str, Any] | None = None
+        try:
+            msg = decode(body, self.limits)
+            header = msg.header
+            op_name, _, session_id, seq, args = check_request(header)
+            try:
+                op = Op(op_name)
+            except ValueError:
+                raise UnknownOperationError(f"unknown operation {op_name!r} "
+                                            f"(known: {', '.join(o.value for o in Op)})") from None
+            spec = OPS[op]
+            extra = set(msg.arrays) - set(spec.arrays)
+            if extra:
+                raise InvalidInputError(f"{op.value} takes no array named {', '.join(sorted(extra))} "
+                                        f"(allowed: {', '.join(spec.arrays) or 'none'})")
+            if op in MUTATING and seq is None:
+                raise ProtocolError(f"{op.value} needs a sequence number (seq)")
+            if op is Op.HELLO:
+                self._reply(identity, header, self._hello(args))
+                return None
+            if op is Op.PING:
+                self._reply(identity, header, {"pong": True, "time_ns": time.time_ns()})
+                return None
+            if op is Op.STATUS:
+                self._reply(identity, header, self._status(session_id))
+                return None
+            if op is Op.OPEN_SESSION:
+                self._open(identity, header, session_id, seq, args)
+                return None
+            if op is Op.CLOSE_SESSION:
+                self._close(identity, header, session_id, seq)
+                return None
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
+            session.last_used = time.monotonic()
+            if op is Op.INFO:
+                self._reply(identity, header, plain({"info": session.info}))
+                return None
+            if op in MUTATING:
+                assert seq is not None
+                if session.pending is not None and session.pending.seq == seq:
+                    session.pending.identity = identity  # a retry from a new socket: reply there
+                    return None
+                if seq == session.last_seq and session.last_reply is not None:
+                    self._send(identity, session.last_reply)  # a retry: replay, never run twice
+                    return None
+                if seq <= session.last_seq:
+                    raise StaleRequestError(f"seq {seq} is older than the last one served "
+                                            f"({session.last_seq}) in session {session_id}")
+            if session.pending is not None:
+                raise BusyError(f"session {session_id} already has a request in progress")
+            job = Job(identity, header, msg.arrays, op.value, args, session, seq, received)
+            if queue_compute:
+                if len(self.queue) >= self.limits.queue_size:
+                    raise BusyError(f"work queue full ({self.limits.queue_size} waiting); retry later")
+                self.queue.append(job)
+                session.pending = job
+                return None
+            session.pending = job
+            return job
+        except DeviceError as exc:
+            self._reply(identity, header or getattr(exc, "header", None), error=exc)
+        except Exception as exc:  # a bug, not bad input; keep serving
+            log.exception("event=internal_error")
+            self._reply(identity, header, error=InternalError(f"{type(exc).__name__}: {exc}"))
+        return None
+
+    # -- control operations -------------------------------------------------------------------------
+
+    def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        wanted = args.get("features", [])
+        wanted = wanted if isinstance(wanted, list) else []
+        log.info("event=hello client=%s", str(args.get("client", "?"))[:80])
+        return plain({
+            "protocol": list(PROTOCOL_VERSION),
+            "instance": self.instance,
+            "features": [f for f in FEATURES if f in wanted],
+            "ops": [o.value for o in Op],
+            "limits": self.limits.as_dict(),
+            "backend": self.describe,
+            "versions": {"pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
+                         "msgpack": ".".join(map(str, msgpack.version)), "numpy": np.__version__},
+        })
+
+    def _status(self, session_id: str | None) -> dict[str, Any]:
+        running = self._running
+        session = self.sessions.get(session_id)
+        return plain({
+            "instance": self.instance,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "sessions": len(self.sessions),
+            "queued": len(self.queue),
+            "running": None if running is None else {
+                "op": running[0].op, "elapsed_s": round(time.monotonic() - running[1], 6)},
+            "served": self.served,
+            "errors": self.errors,
+            "session_status": None if session is None else session.status(),
+        })
+
+    def _open(self, identity: list[Any], header: dict[str, Any], session_id: str | None,
+              seq: int | None, args: dict[str, Any]) -> None:
+        if session_id is None:
+            raise InvalidInputError("open_session needs a session id chosen by the client")
+        existing = self.sessions.get(session_id)
+        if existing is not None:
+            if seq == 0 and existing.last_seq == 0 and existing.last_reply is not None:
+                self._send(identity, existing.last_reply)  # a retried open
+                return None
+            raise InvalidInputError(f"session {session_id!r} is already open")
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise CapacityError(f"{self.limits.max_sessions} sessions are open; close one first")
+        if seq != 0:
+            raise ProtocolError("open_session must carry seq 0")
+        seed = args.get("seed")
+        seed = 0 if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative integer or null, got {seed!r}")
+        backend = self.factory(seed)
+        session = Session(session_id, backend, seed, backend.info())
+        session.last_reply = self._reply(identity, header, plain({"session": session_id, "info": session.info}))
+        self.sessions.add(session)
+        log.info("event=open session=%s seed=%d sessions=%d", session_id[:8], seed, len(self.sessions))
+        return None
+
+    def _close(self, identity: list[Any], header: dict[str, Any], session_id: str | None,
+               seq: int | None) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            remembered = self.sessions.closed.get(session_id) if session_id else None
+            if remembered is not None and remembered[0] == seq:
+                self._send(identity, remembered[1])
+                return None
+            raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
+        assert seq is not None
+        if seq <= session.last_seq:
+            raise StaleRequestError(f"seq {seq} is older than the last one served ({session.last_seq})")
+        reply = self._reply(identity, header, {"closed": True})
+        self.sessions.remove(session, seq, reply)
+        if session.pending is None:  # else the compute path closes it when the job ends
+            self._close_backend(session)
+        log.info("event=close session=%s sessions=%d", session.id[:8], len(self.sessions))
+        return None
+
+    def _close_backend(self, session: Session) -> None:
+        try:
+            session.backend.close()
+        except Exception:
+            log.exception("event=backend_close_failed session=%s", session.id[:8])
+
+    def _reap_idle(self) -> None:
+        for s in self.sessions.idle(self.limits.session_idle_s):
+            log.info("event=reap session=%s idle_s=%.0f", s.id[:8], time.monotonic() - s.last_used)
+            self.sessions.remove(s, -1, [])
+            self._close_backend(s)
+
+    # -- compute ----------------------------------------------------------------------------------
+
+    def _execute(self, job: Job) -> None:
+        """Run one compute job without holding the socket, then reply (and cache the reply)."""
+        session = job.session
+        start = time.perf_counter_ns()
+        self._running = (job, time.monotonic())
+        arrays: dict[str, np.ndarray] = {}
+        result: dict[str, Any] = {}
+        error: DeviceError | None = None
+        try:
+            if session.closed:
+                raise UnknownSessionError(f"session {session.id!r} was closed")
+            result, arrays = self._compute(job)
+        except DeviceError as exc:
+            error = exc
+        except Exception as exc:  # a backend bug; report it and keep serving
+            log.exception("event=backend_error op=%s session=%s", job.op, session.id[:8])
+            error = InternalError(f"{type(exc).__name__}: {exc}")
+        done = time.perf_counter_ns()
+        timing = {"queue_us": (start - job.received_ns) / 1e3, "compute_us": (done - start) / 1e3}
+        try:
+            frames = encode(reply_header(job.header, self.instance, result=result, error=error,
+                                         timing=timing), arrays)
+        except Exception as exc:  # e.g. a backend returning an array of an unsupported dtype
+            log.exception("event=encode_error op=%s", job.op)
+            frames = encode(reply_header(job.header, self.instance,
+                                         error=InternalError(f"cannot encode the reply: {exc}")))
+        self._running = None
+        with self._sock_lock:
+            session.pending = None
+            session.ops += 1
+            session.last_used = time.monotonic()
+            if job.seq is not None and job.op in MUTATING:
+                session.last_seq, session.last_reply = job.seq, frames
+            self._count(error)
+            self._send(job.identity, frames)
+            if session.closed:
+                self._close_backend(session)
+
+    def _compute(self, job: Job) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        dev, args, arrays = job.session.backend, job.args, job.arrays
+        if job.op == Op.STEP:
+            drift = drift_from_wire(args.get("drift"), arrays)
+            return result_to_wire(dev.step(drift, _bias(arrays), **_run_kwargs(args)))
+        if job.op == Op.RUN:
+            return result_to_wire(dev.run(**_run_kwargs(args)))
+        if job.op == Op.PROGRAM:
+            dev.program(drift_from_wire(args.get("drift"), arrays), _bias(arrays))
+            return {}, {}
+        if job.op == Op.GET_STATE:
+            return {}, {"state": np.asarray(dev.state)}
+        if job.op == Op.SET_STATE:
+            if "state" not in arrays:
+                raise InvalidInputError("set_state needs the array 'state'")
+            dev.state = as_float_array(arrays["state"], "state", 1)
+            return {}, {}
+        if job.op == Op.CALIBRATE:
+            calibrate = getattr(dev, "calibrate", None)
+            if calibrate is None:
+                raise UnsupportedError("this backend has no calibration")
+            return plain({"calibration": calibrate(**args)}), {}
+        raise UnknownOperationError(f"operation {job.op!r} has no compute handler")  # pragma: no cover
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def _reply(self, identity: list[Any], request: dict[str, Any] | None, result: dict[str, Any] | None = None,
+               *, error: DeviceError | None = None) -> list[Any]:
+        frames = encode(reply_header(request, self.instance, result=result, error=error))
+        self._count(error)
+        self._send(identity, frames)
+        return frames
+
+    def _count(self, error: DeviceError | None) -> None:
+        self.served += 1
+        if error is not None:
+            self.errors += 1
+            log.warning("event=error_reply code=%s message=%s", error.code.value, error.message[:200])
+
+    def _send(self, identity: list[Any], frames: list[Any]) -> None:
+        try:
+            # NOBLOCK: a peer that stopped reading must not stall every other session.
+            send(self._sock, frames, envelope=identity, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer's queue full)
+            log.warning("event=reply_dropped reason=%s", exc)
+
+
+def _bias(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    bias = arrays.get("bias")
+    return None if bias is None else as_float_array(bias, "bias", 1)
+
+
+def _time(value: Any, name: str) -> float:
+    if type(value) is float and 0.0 <= value < math.inf:  # the common case, without NumPy
+        return value
+    return as_finite_scalar(value, name, minimum=0.0)  # the checks and error messages
+
+
+def _run_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+    """Run arguments, checked here so a backend never sees a NaN duration or a huge sample count."""
+    if "duration" not in args:
+        raise InvalidInputError("run needs a duration (in tau)")
+    out: dict[str, Any] = {"duration": _time(args["duration"], "duration"),
+                           "burn_in": _time(args.get("burn_in", 0.0), "burn_in"),
+                           "delay": _time(args.get("delay", 0.0), "delay")}
+    for flag in ("reset", "second_moment"):
+        value = args.get(flag, False)
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{flag} must be true or false, got {value!r}")
+        out[flag] = value
+    samples = args.get("samples", 0)
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= MAX_SAMPLES:
+        raise InvalidInputError(f"samples must be an integer in [0, {MAX_SAMPLES}], got {samples!r}")
+    out["samples"] = samples
+    return out
