@@ -59,7 +59,7 @@ def run_blocks(n_steps: int, width: int, rng: np.random.Generator | None,
         done += k
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _modal_window(w, decay, std, target, noise, k0, stride, total, out, total_outer):
     """Advance every mode by noise.shape[0] exact steps, accumulating the readout sums.
 
@@ -86,7 +86,7 @@ def _modal_window(w, decay, std, target, noise, k0, stride, total, out, total_ou
                     total_outer[a, b] += wa * w[b]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _general_window(z, phi, shift, chol, noise, k0, stride, total, out, total_outer, n_out):
     """z <- Phi z + shift + chol xi per step; sums over the first n_out coordinates."""
     n = z.shape[0]

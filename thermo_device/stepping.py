@@ -40,7 +40,7 @@ UNDERDAMPED_SCHEMES = {"euler_maruyama": SCHEME_EM, "baoab": SCHEME_BAOAB}
 BLAS_MIN_DIM = 128
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
     """f = b + eta - A x for the drift form (eta: the summed 1/f noise, empty when off)."""
     n = x.shape[0]
@@ -69,7 +69,7 @@ def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
             f[i] += eta[i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _record(x, n_out, sub, g, stride, total, out, total_outer):
     """Readout bookkeeping after global step g: an ADC sample every ``sub`` steps."""
     if sub <= 0 or g % sub != 0:
@@ -86,7 +86,7 @@ def _record(x, n_out, sub, g, stride, total, out, total_outer):
                 total_outer[p, q] += xp * x[q]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, sig, noise, scheme,
                       rail, fl_state, fl_decay, fl_std, sub, k0, stride, total, out, total_outer, clipped):
     """dx = r C^-1 (b + eta - A x) dt + sqrt(2 kappa r) C^-1/2 dW, rails at +-rail (0: none).
@@ -135,7 +135,7 @@ def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, s
         _record(x, n, sub, k0 + s + 1, stride, total, out, total_outer)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _underdamped_steps(z, cinv, e_fric, l_fric, inductance, resistance, dt, sig, noise, scheme,
                        sub, k0, stride, total, out, total_outer):
     n = cinv.shape[0]
