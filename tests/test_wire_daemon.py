@@ -169,11 +169,10 @@ def test_every_operation_through_the_client(daemon, client):
     assert np.array_equal(state, r2.state)
     client.state = state * 0.5
     assert np.array_equal(client.state, state * 0.5)
-    if hasattr(Emulator, "calibrate"):  # the non-ideality work adds it; until then "unsupported"
-        assert "calibration" in client.calibrate()
-    else:
-        with pytest.raises(UnsupportedError):
-            client.calibrate()
+    cal = client.calibrate(n=6, duration=20.0)["calibration"]
+    assert cal["n"] == 6 and client.info()["calibrated_sizes"] == [6]
+    with pytest.raises(InvalidInputError, match="calibrate"):
+        client.calibrate(bogus=1)
     assert client.ping() < 5.0
     status = client.status()
     assert status["instance"] == daemon.instance and status["sessions"] >= 1

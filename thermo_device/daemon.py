@@ -245,6 +245,10 @@ class Daemon:
                 raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
             session.last_used = time.monotonic()
             if op is Op.INFO:
+                # fresh when the backend is idle (temperature, calibrations change); while a job
+                # runs on it, the last snapshot (a backend need not be thread-safe)
+                if session.pending is None:
+                    session.info = session.backend.info()
                 self._reply(identity, header, plain({"info": session.info}))
                 return None
             if op in MUTATING:
@@ -425,7 +429,11 @@ class Daemon:
             calibrate = getattr(dev, "calibrate", None)
             if calibrate is None:
                 raise UnsupportedError("this backend has no calibration")
-            return plain({"calibration": calibrate(**args)}), {}
+            try:
+                record = calibrate(**args)
+            except TypeError as exc:  # an option this backend does not take
+                raise InvalidInputError(f"calibrate: {exc}") from None
+            return plain({"calibration": record}), {}
         raise UnknownOperationError(f"operation {job.op!r} has no compute handler")  # pragma: no cover
 
     # -- sending ----------------------------------------------------------------------------------
