@@ -28,7 +28,6 @@ from protocol.errors import (
     InvalidInputError,
     NonFiniteError,
     UnknownSessionError,
-    UnsupportedError,
 )
 from protocol.messages import PROTOCOL_VERSION, Limits, Op
 from thermo_device import Emulator, load_profile
