@@ -65,13 +65,13 @@ def bench_em(sizes: list[int], seconds: float) -> list[dict]:
         a = spd(n, 10.0, n)
         b = np.ones(n)
         dt, kappa = 0.01, 0.01
-        stepper = OverdampedStepper(Dense(a), b, kappa, dt, "euler_maruyama")
+        stepper = OverdampedStepper(Dense(a), b, dt, "euler_maruyama")
         rng = np.random.default_rng(0)
-        stepper.window(np.zeros(n), dt, 10, 0, rng, False)  # compile / warm
+        stepper.window(np.zeros(n), dt, 10, 0, rng, False, 1.0, kappa)  # compile / warm
         # size the run to about `seconds` of work for the slower of the two
         steps = max(200, int(seconds * 2e8 / (2 * n * n + 50 * n)))
         sig = np.sqrt(2 * kappa * dt)
-        t_ours = best_of(partial(stepper.window, np.zeros(n), dt, steps, 0, rng, False), 3)
+        t_ours = best_of(partial(stepper.window, np.zeros(n), dt, steps, 0, rng, False, 1.0, kappa), 3)
         t_np = best_of(partial(numpy_em, a, b, np.zeros(n), dt, sig, steps, rng), 3)
         rows.append({"n": n, "steps": steps, "ours_steps_per_s": steps / t_ours,
                      "numpy_steps_per_s": steps / t_np, "ratio": t_np / t_ours,
@@ -92,22 +92,22 @@ def bench_exact_vs_stepping(n: int, n_step_cmp: int, window: float, n_samples: i
     t_eigh = time.perf_counter() - t0
     prop: ModalPropagator = emu._current.propagator  # noqa: SLF001 - benchmark of the kernel itself
     rng = np.random.default_rng(0)
-    prop.window(np.zeros(n), h, 10, 0, rng, False)
-    t_exact = best_of(lambda: prop.window(np.zeros(n), h, n_samples, 0, rng, False), 3)
+    prop.window(np.zeros(n), h, 10, 0, rng, False, 1.0, kappa)
+    t_exact = best_of(partial(prop.window, np.zeros(n), h, n_samples, 0, rng, False, 1.0, kappa), 3)
     print(f"exact N={n}: T={window} tau, {n_samples} samples: {t_exact:.3f} s after eigh ({t_eigh:.3f} s)")
 
     # Same window by Euler-Maruyama at dt = 0.01 on a smaller N (measured), vs exact on that N.
     a2 = spd(n_step_cmp, 10.0, 2)
     b2 = np.ones(n_step_cmp)
-    stepper = OverdampedStepper(Dense(a2), b2, kappa, 0.01, "euler_maruyama")
-    stepper.window(np.zeros(n_step_cmp), h, 2, 0, rng, False)
-    t_em = best_of(lambda: stepper.window(np.zeros(n_step_cmp), h, n_samples, 0, rng, False), 1)
+    stepper = OverdampedStepper(Dense(a2), b2, 0.01, "euler_maruyama")
+    stepper.window(np.zeros(n_step_cmp), h, 2, 0, rng, False, 1.0, kappa)
+    t_em = best_of(partial(stepper.window, np.zeros(n_step_cmp), h, n_samples, 0, rng, False, 1.0, kappa), 1)
     emu2 = Emulator(load_profile("ideal", {"noise.kappa": kappa}), seed=0)
     t0 = time.perf_counter()
     emu2.program(Dense(a2), b2)
     t_eigh2 = time.perf_counter() - t0
     prop2 = emu2._current.propagator  # noqa: SLF001
-    t_exact2 = best_of(lambda: prop2.window(np.zeros(n_step_cmp), h, n_samples, 0, rng, False), 3)
+    t_exact2 = best_of(partial(prop2.window, np.zeros(n_step_cmp), h, n_samples, 0, rng, False, 1.0, kappa), 3)
     print(f"N={n_step_cmp}, T={window}: exact {t_exact2:.3f} s (+eigh {t_eigh2:.3f}) vs EM dt=0.01 {t_em:.2f} s "
           f"-> {t_em / (t_exact2 + t_eigh2):.0f}x")
     return {"n": n, "window_tau": window, "samples": n_samples, "exact_s_after_eigh": t_exact,
