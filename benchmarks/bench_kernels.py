@@ -68,9 +68,11 @@ def bench_em(sizes: list[int], seconds: float) -> list[dict]:
         stepper = OverdampedStepper(Dense(a), b, dt, "euler_maruyama")
         rng = np.random.default_rng(0)
         stepper.window(np.zeros(n), dt, 10, 0, rng, False, 1.0, kappa)  # compile / warm
-        # size the run to about `seconds` of work for the slower of the two
-        steps = max(200, int(seconds * 2e8 / (2 * n * n + 50 * n)))
         sig = np.sqrt(2 * kappa * dt)
+        # size the runs to about `seconds` of NumPy time: short runs measure thread start-up
+        t0 = time.perf_counter()
+        numpy_em(a, b, np.zeros(n), dt, sig, 200, rng)
+        steps = max(2000, int(seconds * 200 / (time.perf_counter() - t0)))
         t_ours = best_of(partial(stepper.window, np.zeros(n), dt, steps, 0, rng, False, 1.0, kappa), 3)
         t_np = best_of(partial(numpy_em, a, b, np.zeros(n), dt, sig, steps, rng), 3)
         rows.append({"n": n, "steps": steps, "ours_steps_per_s": steps / t_ours,

@@ -1,11 +1,16 @@
 """The digital side: connect to a device and train with TNGD.
 
 ``connect(address, seed)`` returns a ``protocol.Device``; the drift descriptions are re-exported.
+``TNGD`` (NumPy) and its digital baselines live here; the PyTorch optimizer is
+``host.torch_optimizer.TNGDOptimizer`` (needs the ``torch`` extra, so it is not imported here).
 """
 
 from protocol.drift import Dense, Diagonal, Factored
 
+from .baselines import NGDCG, SGD, Adam, ExactNGD
 from .connect import connect
 from .linalg import LinalgResult, inverse, solve
+from .tngd import TNGD, LevenbergMarquardt
 
-__all__ = ["Dense", "Diagonal", "Factored", "LinalgResult", "connect", "inverse", "solve"]
+__all__ = ["Dense", "Diagonal", "Factored", "LinalgResult", "connect", "inverse", "solve",
+           "TNGD", "LevenbergMarquardt", "ExactNGD", "NGDCG", "SGD", "Adam"]

@@ -1,7 +1,10 @@
 """thermo-host: the host side's command line.
 
-``thermo-host solve`` solves a random SPD system on a device and compares the thermodynamic
-answer with a direct solve (the demo main job until the training host lands).
+``thermo-host train`` trains a task's model with one optimizer (TNGD on a device, or a digital
+baseline) and writes JSON results and a checkpoint; ``thermo-host compare`` runs several
+optimizers on the same task, seed and batches and writes a table (JSON and markdown) and a
+loss/accuracy plot; ``thermo-host solve`` solves a random SPD system on a device and compares the
+thermodynamic answer with a direct solve.
 """
 
 from __future__ import annotations
@@ -47,6 +50,49 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> dict | None:
+    over = json.loads(args.overrides) if args.overrides else {}
+    if args.kappa is not None:
+        over["noise.kappa"] = args.kappa
+    return over or None
+
+
+def _hparams(args: argparse.Namespace) -> dict:
+    keys = ("lr", "analog_time", "damping", "delay", "burn_in", "init", "momentum")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .tasks_report import run_train
+
+    return run_train(args, _overrides(args), _hparams(args))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .tasks_report import run_compare
+
+    return run_compare(args, _overrides(args), _hparams(args))
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="digits", help="digits (MLP, quick) or mnist (small CNN, 10k images)")
+    p.add_argument("--device", default="embedded:ideal", help="embedded[:profile], tcp://..., ipc://...")
+    p.add_argument("--kappa", type=float, default=None, help="noise.kappa override (embedded devices)")
+    p.add_argument("--overrides", default=None, help='profile overrides as JSON, e.g. \'{"noise.kappa": 1e-3}\'')
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="default: host.tasks.DEFAULTS")
+    p.add_argument("--analog-time", type=float, default=None, help="TNGD: t in tau")
+    p.add_argument("--damping", type=float, default=None, help="lambda")
+    p.add_argument("--delay", type=float, default=None, help="TNGD: t_d in tau")
+    p.add_argument("--burn-in", type=float, default=None, help="TNGD: readout window start in tau")
+    p.add_argument("--init", choices=("warm", "grad", "reset"), default=None, help="TNGD: solve start")
+    p.add_argument("--momentum", type=float, default=None, help="SGD / TNGD momentum")
+    p.add_argument("--eval-every", type=int, default=None, help="test-set evaluation interval")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermo-host", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=10, help="batches for the error estimate")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_solve)
+
+    t = sub.add_parser("train", help="train a task with one optimizer; JSON results and a checkpoint")
+    t.add_argument("--optimizer", default="tngd",
+                   help="tngd, tngd-adam, ngd, ngd-cg, adam, sgd, kfac, shampoo, soap")
+    _training_args(t)
+    t.add_argument("--out", default=None, help="results JSON (default: <task>-<optimizer>.json)")
+    t.add_argument("--checkpoint", default=None, help="checkpoint (default: <out stem>.pt; 'none' to skip)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compare", help="several optimizers on one task: table and plot")
+    c.add_argument("--optimizers", default="tngd,tngd-noisy,tngd-adam,ngd,ngd-cg,adam,sgd,kfac,shampoo,soap",
+                   help="comma-separated; tngd-noisy is TNGD on the device with noise.kappa = --noisy-kappa")
+    c.add_argument("--noisy-kappa", type=float, default=1e-3, help="kappa of the tngd-noisy run")
+    _training_args(c)
+    c.add_argument("--out-dir", default=None, help="default: results/compare-<task>")
+    c.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""PyTorch optimizers for TNGD and its digital natural-gradient baselines.
+
+Switching a PyTorch loop from Adam to TNGD::
+
+    dev = host.connect("embedded:ideal")                                       # 1
+    opt = TNGDOptimizer(model.parameters(), dev, lr=0.01, analog_time=50.0,    # 2
+                        damping=0.01)
+    for x, y in batches:
+        loss = opt.step(model, x, y)       # 3: replaces zero_grad / loss.backward / step
+
+``step(model, inputs, targets)`` builds the GGN factors and the gradient of the mean loss with
+torch.func (``host.curvature``), asks the device for x_bar ~ (G + lambda I)^-1 g, writes x_bar
+into each parameter's ``.grad`` and lets an inner ``torch.optim.SGD`` (TNGD) or
+``torch.optim.Adam`` (TNGD-Adam) take the step: the digital optimizers are torch's own.
+
+Conventions kept: param groups (per-group ``lr``, ``momentum``, ``betas``, ``eps``,
+``weight_decay`` are passed on to the inner optimizer each step, so LR schedulers work);
+``state_dict`` / ``load_state_dict`` round-trip everything needed to continue bit for bit: the
+inner optimizer's state, the step count, the (possibly adapted) damping, and the device's analog
+state, which is restored into the device before the next solve (the warm start survives a
+checkpoint). The natural gradient couples all parameters, so one device solve covers every
+group; ``analog_time``, ``damping``, ``delay``, ``burn_in`` are therefore optimizer-wide.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocol.device import Device
+from protocol.drift import Drift
+from protocol.errors import InvalidInputError
+
+from .baselines import NGDCG, ExactNGD
+from .curvature import Curvature, torch_curvature
+from .tngd import TNGD, LevenbergMarquardt
+
+_INNER_KEYS = {"sgd": ("lr", "momentum", "weight_decay", "nesterov", "dampening"),
+               "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class: curvature -> preconditioned direction -> ``.grad`` -> torch's SGD or Adam.
+
+    Subclasses implement ``_direction(grad, curvature)`` (NumPy vectors, undamped curvature).
+    """
+
+    def __init__(self, params: Any, *, lr: float, inner: str = "sgd", momentum: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 loss: str = "cross_entropy", kind: str = "ggn") -> None:
+        if inner not in _INNER_KEYS:
+            raise InvalidInputError(f"inner must be 'sgd' or 'adam', got {inner!r}")
+        defaults = {"lr": lr, "weight_decay": weight_decay}
+        if inner == "sgd":
+            defaults.update(momentum=momentum, nesterov=False, dampening=0.0)
+        else:
+            defaults.update(betas=betas, eps=eps, amsgrad=False)
+        super().__init__(params, defaults)
+        self.inner_name = inner
+        cls = torch.optim.SGD if inner == "sgd" else torch.optim.Adam
+        self.inner = cls([{"params": g["params"], **self._inner_hparams(g)} for g in self.param_groups])
+        self.loss = loss
+        self.kind = kind
+        self.last_curvature: Curvature | None = None
+        self.last_direction: np.ndarray | None = None  # the preconditioned gradient of the last step
+
+    def _inner_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {k: group[k] for k in _INNER_KEYS[self.inner_name] if k in group}
+
+    def _managed(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        named = {n: p for n, p in model.named_parameters() if id(p) in mine}
+        if len(named) != len(mine):
+            raise InvalidInputError("the model passed to step() does not hold all of this optimizer's "
+                                    "parameters")
+        return named
+
+    def _direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _apply(self, params: dict[str, torch.Tensor], direction: np.ndarray) -> None:
+        offset = 0
+        for p in params.values():
+            n = p.numel()
+            p.grad = torch.as_tensor(direction[offset:offset + n], dtype=p.dtype,
+                                     device=p.device).view_as(p).clone()
+            offset += n
+        for mine, theirs in zip(self.param_groups, self.inner.param_groups, strict=True):
+            theirs.update(self._inner_hparams(mine))  # schedulers edit our groups
+        self.inner.step()
+
+    def step(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """One training step on the batch; returns the mean loss before the step (a 0-d tensor)."""
+        params = self._managed(model)
+        curv = torch_curvature(model, inputs, targets, self.loss, self.kind, params)
+        self.last_curvature = curv
+        self.last_direction = self._direction(curv.grad, curv.drift(0.0))
+        self._apply(params, self.last_direction)
+        return torch.tensor(curv.loss)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["inner"] = self.inner.state_dict()
+        sd["extra"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        inner, extra = sd.pop("inner"), sd.pop("extra")
+        super().load_state_dict(sd)
+        self.inner.load_state_dict(inner)
+        self._load_extra_state(extra)
+
+
+class TNGDOptimizer(CurvatureOptimizer):
+    """TNGD as a ``torch.optim.Optimizer``. Arguments as ``host.TNGD``; ``inner="adam"`` is TNGD-Adam.
+
+    Args:
+        params: parameters or param groups (as for any torch optimizer).
+        device: a ``protocol.Device`` (``host.connect(...)``).
+        lr, analog_time, damping, delay, burn_in, init: see ``host.tngd.TNGD``.
+        inner: "sgd" (with ``momentum``) or "adam" (with ``betas``, ``eps``).
+        loss: "cross_entropy" (targets are class indices) or "mse".
+        kind: "ggn" or "empirical" (Fisher).
+        lm: optional ``LevenbergMarquardt``; then call ``adapt_damping(model, inputs, targets)``
+            after ``step`` (one extra forward pass).
+    """
+
+    def __init__(self, params: Any, device: Device, lr: float = 0.01, analog_time: float = 50.0,
+                 damping: float = 0.01, delay: float = 0.0, burn_in: float = 0.0, *, init: str = "warm",
+                 inner: str = "sgd", momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, loss: str = "cross_entropy", kind: str = "ggn",
+                 lm: LevenbergMarquardt | None = None) -> None:
+        super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
+                         weight_decay=weight_decay, loss=loss, kind=kind)
+        self.engine = TNGD(device, lr, analog_time, damping, delay, burn_in, init=init, lm=lm)
+        self._pending_state: np.ndarray | None = None
+        self._last: tuple[np.ndarray, np.ndarray, Drift, float] | None = None
+
+    def _direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
+        if self._pending_state is not None:  # restored from a checkpoint: resume the warm start
+            self.engine.device.state = self._pending_state
+            self._pending_state = None
+        return self.engine.direction(grad, curvature)
+
+    def step(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        params = self._managed(model)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        loss = super().step(model, inputs, targets)
+        delta = np.concatenate([(p.detach() - before[n]).reshape(-1).to(torch.float64).cpu().numpy()
+                                for n, p in params.items()])
+        curv = self.last_curvature
+        assert curv is not None
+        self._last = (curv.grad, delta, curv.drift(0.0), curv.loss)
+        return loss
+
+    @torch.no_grad()
+    def adapt_damping(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Levenberg-Marquardt update of lambda after ``step`` on the same batch; returns rho."""
+        if self.engine.lm is None or self._last is None:
+            raise InvalidInputError("adapt_damping needs lm=LevenbergMarquardt() and a step first")
+        from .curvature import loss_value
+
+        out = model(inputs).detach().to(torch.float64).cpu().numpy()
+        after = loss_value(out, targets.cpu().numpy(), self.loss)
+        grad, delta, curvature, before = self._last
+        self.engine.damping, rho = self.engine.lm.update(self.engine.damping, before, after, grad, delta,
+                                                         curvature)
+        return rho
+
+    @property
+    def damping(self) -> float:
+        return self.engine.damping
+
+    def _extra_state(self) -> dict[str, Any]:
+        state = self.engine.device.state if self.engine.steps else np.zeros(0)
+        return {"steps": self.engine.steps, "damping": self.engine.damping,
+                "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64))}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.engine.steps = int(extra["steps"])
+        self.engine.damping = float(extra["damping"])
+        st = extra["device_state"].detach().cpu().numpy().astype(np.float64)
+        self._pending_state = st if st.size else None
+
+
+class NGDOptimizer(CurvatureOptimizer):
+    """Digital natural gradient on the same GGN: ``method="exact"`` (Woodbury) or ``"cg"``."""
+
+    def __init__(self, params: Any, lr: float = 0.01, damping: float = 0.01, *, method: str = "exact",
+                 cg_maxiter: int = 50, inner: str = "sgd", momentum: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 loss: str = "cross_entropy", kind: str = "ggn") -> None:
+        super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
+                         weight_decay=weight_decay, loss=loss, kind=kind)
+        if method == "exact":
+            self.solver: ExactNGD | NGDCG = ExactNGD(lr, damping)
+        elif method == "cg":
+            self.solver = NGDCG(lr, damping, maxiter=cg_maxiter)
+        else:
+            raise InvalidInputError(f"method must be 'exact' or 'cg', got {method!r}")
+
+    def _direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
+        return self.solver.direction(grad, curvature)
