@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(t)
     t.add_argument("--out", default=None, help="results JSON (default: <task>-<optimizer>.json)")
     t.add_argument("--checkpoint", default=None, help="checkpoint (default: <out stem>.pt; 'none' to skip)")
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="also write the checkpoint every K steps (a run killed in between resumes from it)")
+    t.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint of the same task and optimizer; ends exactly where "
+                        "the uninterrupted run would")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compare", help="several optimizers on one task: table and plot")

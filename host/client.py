@@ -11,6 +11,8 @@ Reliability (the zguide's Lazy Pirate, adapted to a non-idempotent device):
 * On a timeout the socket is closed and reopened, which discards anything queued for a dead
   daemon. With ``retries > 0`` the same request (same sequence number) is re-sent within the
   deadline; the daemon replays its cached reply if it already ran it, so a step never runs twice.
+* A ``busy`` reply (the daemon's work queue is full) is retried with jittered exponential
+  back-off within the deadline: it means the request did not run.
 * Every reply carries the daemon's instance id. When it changes the daemon was restarted and the
   session is gone. With ``restore=True`` (default) the client opens a new session with the same
   seed, re-programs the last drift and bias, sets the last known analog state (from the last
@@ -25,6 +27,8 @@ is in progress, nor the arrays of the last ``program`` if you rely on restore.
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 import uuid
 from typing import Any
@@ -43,16 +47,19 @@ from protocol.codec import (
     result_from_wire,
     send,
 )
-from protocol.device import RunResult
+from protocol.device import DeviceSnapshot, RunResult
 from protocol.drift import Drift
 from protocol.errors import (
     DeviceError,
     DeviceTimeoutError,
+    ErrorCode,
     InvalidInputError,
     ProtocolError,
     UnknownSessionError,
 )
 from protocol.messages import FEATURES, PROTOCOL_VERSION, STATUS_OK, Limits, Op
+
+from .security import CurveClientKeys, HandshakeWatch
 
 log = logging.getLogger("host.client")
 
@@ -70,10 +77,16 @@ class DeviceClient:
         retries: re-sends of a request within its deadline, each on a fresh socket.
         restore: after a daemon restart, restore the session (see the module docstring).
         context: a pyzmq Context (default: the process-wide one).
+        curve_server_key: CURVE: the daemon's public key (40 Z85 characters) or its NAME.key file.
+        curve_secret_key_file: CURVE: this client's NAME.key_secret certificate (its public key
+            must be in the daemon's allow-list). Give both or neither; a refused handshake raises
+            AuthenticationError (see docs/security.md).
     """
 
     def __init__(self, address: str, seed: int | None = None, *, timeout: float = 10.0, retries: int = 0,
-                 restore: bool = True, context: zmq.Context | None = None) -> None:
+                 restore: bool = True, context: zmq.Context | None = None,
+                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
+                 curve_secret_key_file: str | os.PathLike[str] | None = None) -> None:
         if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
             raise InvalidInputError(f"address must be tcp://host:port or ipc://path, got {address!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -84,16 +97,24 @@ class DeviceClient:
         self.seed = None if seed is None else int(seed)
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.restore = restore
+        self.auto_restore = restore  # fail-over after a daemon restart (see the module doc)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._watch: HandshakeWatch | None = None
+        if (curve_server_key is None) != (curve_secret_key_file is None):
+            raise InvalidInputError("CURVE needs both curve_server_key and curve_secret_key_file")
+        self._curve = (None if curve_server_key is None
+                       else CurveClientKeys.load(curve_server_key, curve_secret_key_file))  # type: ignore[arg-type]
         self._req_id = 0
         self._seq = 0
         self._session: str | None = None
         self._closed = False
         self._restoring = False
+        self.busy_retries = 0  # requests re-sent after a "busy" reply (back-pressure seen)
+        self.retry_busy = True  # False: raise BusyError at once (to see back-pressure, e.g. in tests)
         self._last_program: tuple[Drift, np.ndarray | None] | None = None
         self._last_state: np.ndarray | None = None
+        self._last_snapshot: DeviceSnapshot | None = None
         self.instance: str = ""
         self.daemon: dict[str, Any] = {}
         self._open_socket()
@@ -115,6 +136,7 @@ class DeviceClient:
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
         spec, arrays = _drift_args(drift, bias)
         self._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)
+        self._last_snapshot = None
         prev = self._last_program
         if prev is not None and prev[0].dim != drift.dim:
             self._last_state = None  # the device resets its state when the size changes
@@ -133,6 +155,7 @@ class DeviceClient:
         args = _run_args(duration, burn_in, delay, reset, samples, second_moment)
         args["drift"] = spec
         msg = self._call(Op.STEP, args, arrays, mutating=True)
+        self._last_snapshot = None
         prev = self._last_program
         if prev is not None and prev[0].dim != drift.dim:
             self._last_state = None
@@ -148,6 +171,24 @@ class DeviceClient:
         arr = np.asarray(value)
         self._call(Op.SET_STATE, {}, {"state": arr}, mutating=True)
         self._last_state = np.array(arr, dtype=np.float64)
+
+    def snapshot(self) -> DeviceSnapshot:
+        """The device's complete dynamic state (backends that support it; else UnsupportedError)."""
+        msg = self._call(Op.SNAPSHOT)
+        meta = msg.header["result"].get("snapshot")
+        if not isinstance(meta, dict):
+            raise ProtocolError("snapshot reply lacks the snapshot map")
+        return DeviceSnapshot(meta, {k: np.array(v) for k, v in msg.arrays.items()})
+
+    def restore(self, snapshot: DeviceSnapshot) -> None:
+        """Continue from ``snapshot`` (taken on a device of the same profile)."""
+        if not isinstance(snapshot, DeviceSnapshot):
+            raise InvalidInputError(f"restore needs a DeviceSnapshot, got {type(snapshot).__name__}")
+        self._call(Op.RESTORE, {"snapshot": plain(snapshot.meta)}, dict(snapshot.arrays), mutating=True)
+        # after a daemon restart, this snapshot (not the last program) is what to restore
+        self._last_program, self._last_snapshot = None, snapshot
+        state = snapshot.arrays.get("state")
+        self._last_state = None if state is None else np.array(state, dtype=np.float64)
 
     def close(self) -> None:
         """End the session on the daemon (best effort, short deadline) and close the socket."""
@@ -212,11 +253,16 @@ class DeviceClient:
 
     def _restore(self, new_instance: str) -> None:
         old = self.instance
-        log.warning("daemon at %s restarted (instance %s -> %s); restoring the session",
-                    self.address, old[:8], new_instance[:8])
+        if new_instance != old:
+            log.warning("daemon at %s restarted (instance %s -> %s); restoring the session",
+                        self.address, old[:8], new_instance[:8])
         self._restoring = True
         try:
             self._connect_session()
+            if self._last_snapshot is not None:
+                snap = self._last_snapshot
+                self._call(Op.RESTORE, {"snapshot": plain(snap.meta)}, dict(snap.arrays), mutating=True,
+                           recover=False)
             if self._last_program is not None:
                 drift, bias = self._last_program
                 spec, arrays = _drift_args(drift, bias)
@@ -246,20 +292,39 @@ class DeviceClient:
         frames = encode(request_header(op.value, req_id, self._session if session else None, seq, args), arrays)
         attempts = self.retries + 1
         msg = None
-        for attempt in range(attempts):
-            now = time.monotonic()
-            attempt_deadline = now + (deadline - now) / (attempts - attempt)
-            msg = self._exchange(frames, req_id, attempt_deadline)
-            if msg is not None:
+        busy = 0
+        last_busy: Message | None = None
+        # a full work queue clears by itself; a busy open_session (a board another session owns) does not
+        retry_busy = self.retry_busy and op is not Op.OPEN_SESSION
+        while True:
+            for attempt in range(attempts):
+                now = time.monotonic()
+                attempt_deadline = now + (deadline - now) / (attempts - attempt)
+                msg = self._exchange(frames, req_id, attempt_deadline)
+                if msg is not None:
+                    break
+                self._reopen()  # Lazy Pirate: a fresh socket drops whatever was queued for a dead peer
+            if msg is None:
+                msg = last_busy  # the deadline ran out while backing off: report the back-pressure
                 break
-            self._reopen()  # Lazy Pirate: a fresh socket drops whatever was queued for a dead peer
+            if not retry_busy or not _is_busy(msg.header):
+                break
+            last_busy = msg
+            # Back-pressure: "busy" means the request was not run, so re-sending the same seq is
+            # safe. Jittered exponential back-off, within the deadline.
+            pause = min(0.05, 0.002 * 2.0 ** busy) * (0.5 + random.random())
+            if time.monotonic() + pause >= deadline:
+                break
+            busy += 1
+            self.busy_retries += 1
+            time.sleep(pause)
         if msg is None:
             raise DeviceTimeoutError(f"no reply from {self.address} to {op.value} within {timeout:.3g} s "
                                      "(daemon down, stuck or unreachable); the socket was reset")
         header = msg.header
         instance = header.get("instance")
         if self.instance and instance != self.instance and recover:
-            if not self.restore or self._restoring:
+            if not self.auto_restore or self._restoring:
                 raise UnknownSessionError(f"the daemon at {self.address} restarted (instance "
                                           f"{self.instance[:8]} -> {str(instance)[:8]}); its session and "
                                           "analog state are gone")
@@ -267,7 +332,15 @@ class DeviceClient:
             return self._call(op, args, arrays, session=session, mutating=mutating, timeout=timeout,
                               recover=False)
         if header.get("status") != STATUS_OK:
-            raise error_from_payload(header.get("error"))
+            error = error_from_payload(header.get("error"))
+            if (isinstance(error, UnknownSessionError) and recover and session and self.auto_restore
+                    and not self._restoring and op not in (Op.OPEN_SESSION, Op.CLOSE_SESSION)):
+                # the same daemon reclaimed the session (its idle lease ran out): restore as after a restart
+                log.warning("session %s expired on %s; restoring it", str(self._session)[:8], self.address)
+                self._restore(str(instance))
+                return self._call(op, args, arrays, session=session, mutating=mutating, timeout=timeout,
+                                  recover=False)
+            raise error
         if not isinstance(header.get("result", {}), dict):
             raise ProtocolError("reply result must be a map")
         header.setdefault("result", {})
@@ -277,6 +350,8 @@ class DeviceClient:
         sock = self._sock
         assert sock is not None
         try:
+            if not self._watch.ok and not self._watch.wait(deadline):  # type: ignore[union-attr]
+                return None  # no handshake within the deadline (a refusal raises in wait)
             sock.setsockopt(zmq.SNDTIMEO, max(1, int((deadline - time.monotonic()) * 1000)))
             send(sock, frames)
         except zmq.Again:  # IMMEDIATE: no connected daemon within the deadline
@@ -307,10 +382,18 @@ class DeviceClient:
         sock.setsockopt(zmq.LINGER, 0)  # never block interpreter exit on unsent requests
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a completed connection
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._curve is not None:
+            self._curve.apply(sock)
+        # Every socket, CURVE or not, is watched until its first handshake: a plaintext client of
+        # a CURVE daemon then hears "authentication required" at once rather than a timeout.
+        self._watch = HandshakeWatch(sock, self.address, curve=self._curve is not None)
         sock.connect(self.address)
         self._sock = sock
 
     def _close_socket(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -318,6 +401,11 @@ class DeviceClient:
     def _reopen(self) -> None:
         self._close_socket()
         self._open_socket()
+
+
+def _is_busy(header: dict[str, Any]) -> bool:
+    error = header.get("error")
+    return header.get("status") != STATUS_OK and isinstance(error, dict) and error.get("code") == ErrorCode.BUSY.value
 
 
 def _drift_args(drift: Drift, bias: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -329,5 +417,8 @@ def _drift_args(drift: Drift, bias: np.ndarray | None) -> tuple[dict[str, Any], 
 
 def _run_args(duration: float, burn_in: float, delay: float, reset: bool, samples: int,
               second_moment: bool) -> dict[str, Any]:
+    if type(duration) is float and type(burn_in) is float and type(delay) is float:  # the hot path
+        return {"duration": duration, "burn_in": burn_in, "delay": delay, "reset": reset,
+                "samples": samples, "second_moment": second_moment}
     return plain({"duration": duration, "burn_in": burn_in, "delay": delay, "reset": reset,
                   "samples": samples, "second_moment": second_moment})

@@ -17,6 +17,9 @@ def connect(address: str = "embedded", seed: int | None = None, *,
             "tcp://host:port" or "ipc://path" reaches a ``thermo-device serve`` daemon.
         seed: noise seed; the same seed gives bit for bit the numbers of Emulator(profile, seed).
         overrides: profile overrides {"section.key": value} (embedded mode).
+        options: DeviceClient options for a daemon (timeout, retries, restore, ...), and
+            ``curve={"server_key": ..., "secret_key_file": ...}`` for a CURVE daemon
+            (docs/security.md).
     """
     if not isinstance(address, str):
         raise InvalidInputError(f"address must be a string, got {type(address).__name__}")
@@ -32,6 +35,10 @@ def connect(address: str = "embedded", seed: int | None = None, *,
             from .client import DeviceClient
         except ImportError as exc:  # the wire arrives with the protocol issue
             raise InvalidInputError(f"remote devices are not available in this build: {exc}") from exc
+        if "curve" in options:
+            from .security import curve_options
+
+            options.update(curve_options(options.pop("curve")))
         return DeviceClient(address, seed=seed, **options)
     raise InvalidInputError(f"unknown device address {address!r}: use 'embedded[:profile]', "
                             "'tcp://host:port' or 'ipc://path'")

@@ -26,6 +26,7 @@ from torch import nn
 
 from protocol.errors import InvalidInputError
 
+from . import checkpoint as checkpoint_io
 from . import datasets
 from .connect import connect
 from .torch_optimizer import NGDOptimizer, TNGDOptimizer
@@ -94,6 +95,9 @@ class Stepper:
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)  # type: ignore[attr-defined]
+
 
 class _Curvature(Stepper):
     def __init__(self, opt: TNGDOptimizer | NGDOptimizer) -> None:
@@ -145,6 +149,11 @@ class _Kfac(Stepper):
 
     def state_dict(self) -> dict[str, Any]:
         return {"sgd": self.opt.state_dict(), "asdl": dict(self.maker.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # asdl recomputes its Kronecker factors from each batch (fisher_exact, no running average),
+        # so the SGD state is all that carries over
+        self.opt.load_state_dict(state["sgd"])
 
 
 def make_stepper(name: str, model: nn.Module, *, batch_size: int, device: str = "embedded:ideal",
@@ -237,13 +246,24 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
           seed: int = 0, device: str = "embedded:ideal", device_overrides: dict[str, Any] | None = None,
           label: str | None = None, eval_every: int | None = None, progress: bool = False,
           checkpoint: str | Path | None = None, data: datasets.Dataset | None = None,
-          blas_threads: int | None = 1, **hparams: Any) -> RunRecord:
+          blas_threads: int | None = 1, torch_threads: int | None = 1, checkpoint_every: int | None = None,
+          resume: str | Path | None = None, **hparams: Any) -> RunRecord:
     """Train ``task``'s model from a seeded initialisation with one optimizer; see the module doc.
 
     ``blas_threads`` caps NumPy's BLAS threads for the run (None: leave them). Why: once torch has
     run, its idle OpenMP workers compete with OpenBLAS's threads, and on this 2-core machine under
     load the emulator's SVD then took 1-4 s instead of ~0.2 s single-threaded.
+    ``torch_threads`` likewise sets torch's intra-op threads for the run (restored afterwards;
+    None: leave them). Why: these models are small, and with two threads on 2 shared cores a
+    busy neighbour made per-step times 5-20x worse (MNIST Adam 67 ms/step at load 3-4 against
+    3.4 ms with one thread; docs/results.md, Timing).
+    ``checkpoint_every=K`` also writes ``checkpoint`` every K steps; ``resume=PATH`` continues a
+    run from such a checkpoint and ends exactly where the uninterrupted run would have
+    (``host.checkpoint``: model, optimizer and device state, data order, RNGs, the record so far).
     """
+    threads_before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     limiter = None
     if blas_threads is not None:
         try:
@@ -255,15 +275,18 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
     try:
         return _train(task, optimizer, steps=steps, batch_size=batch_size, seed=seed, device=device,
                       device_overrides=device_overrides, label=label, eval_every=eval_every,
-                      progress=progress, checkpoint=checkpoint, data=data, **hparams)
+                      progress=progress, checkpoint=checkpoint, data=data,
+                      checkpoint_every=checkpoint_every, resume=resume, **hparams)
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
+        torch.set_num_threads(threads_before)
 
 
 def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: int | None, seed: int,
            device: str, device_overrides: dict[str, Any] | None, label: str | None, eval_every: int | None,
            progress: bool, checkpoint: str | Path | None, data: datasets.Dataset | None,
+           checkpoint_every: int | None = None, resume: str | Path | None = None,
            **hparams: Any) -> RunRecord:
     t = TASKS[task] if isinstance(task, str) else task
     ds = data if data is not None else datasets.load(t.dataset)
@@ -286,12 +309,32 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
     order = rng.permutation(len(x_tr))
     pos = 0
     wall = emu = analog = 0.0
+    start = 0
+    if resume is not None:
+        ck = checkpoint_io.load(resume, task=t.name, optimizer=optimizer)
+        model.load_state_dict(ck["model"])
+        stepper.load_state_dict(ck["optimizer"])
+        rng, order, pos = checkpoint_io.rng_from_plain(ck["rng"]), ck["order"].numpy(), int(ck["pos"])
+        torch.set_rng_state(ck["torch_rng"])
+        for name in checkpoint_io.RECORD_LISTS:
+            setattr(rec, name, list(ck["record"][name]))
+        start = int(ck["step"])
+        wall, emu, analog = (rec.wall_s[-1], rec.emulator_s[-1], rec.analog_s[-1]) if start else (0.0, 0.0, 0.0)
+
+    def save_checkpoint(done: int) -> None:
+        checkpoint_io.save(checkpoint, {
+            "model": model.state_dict(), "optimizer": stepper.state_dict(), "step": done, "steps": steps,
+            "task": t.name, "optimizer_name": optimizer, "hparams": rec.hparams,
+            "rng": checkpoint_io.rng_to_plain(rng), "order": torch.from_numpy(order.copy()), "pos": pos,
+            "torch_rng": torch.get_rng_state(),
+            "record": {name: list(getattr(rec, name)) for name in checkpoint_io.RECORD_LISTS}})
+
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc=rec.label, unit="step", leave=False)
-    for k in range(steps):
+        bar = tqdm(total=steps, initial=start, desc=rec.label, unit="step", leave=False)
+    for k in range(start, steps):
         if pos + bs > len(order):
             order, pos = rng.permutation(len(x_tr)), 0
         idx = torch.from_numpy(order[pos:pos + bs])
@@ -317,13 +360,14 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
                 bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{acc:.3f}")
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None and checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < steps:
+            save_checkpoint(k + 1)
     if bar is not None:
         bar.close()
     rec.train_accuracy, rec.train_loss_full = evaluate(model, x_tr, y_tr)
     rec.peak_rss_mb = _peak_rss_mb()
     if checkpoint is not None:
-        torch.save({"model": model.state_dict(), "optimizer": stepper.state_dict(), "steps": steps,
-                    "task": t.name, "optimizer_name": optimizer, "hparams": rec.hparams}, checkpoint)
+        save_checkpoint(steps)
     return rec
 
 
@@ -341,6 +385,32 @@ def projected_step_s(rec: RunRecord, batch: int, n_out: int, tau_s: float = 1e-6
     analog = rec.hparams.get("analog_time", 0.0) * tau_s + rec.hparams.get("delay", 0.0) * tau_s
     host = s["host_ms_per_step"] / 1e3
     return {"host_s": host, "analog_s": analog, "transfer_s": transfer, "total_s": host + analog + transfer}
+
+
+def profile_projected_step_s(rec: RunRecord, batch: int, n_out: int, profile: str = "tngd-paper",
+                             bps: float = PAPER_TRANSFER_BPS) -> dict[str, Any]:
+    """``projected_step_s`` on a device profile: its tau and its converter widths.
+
+    The profile's ``info()`` gives tau_s, the gradient DAC width (N values in), the coupling
+    (resistor-programming) width (m (m + 2N) values in) and the ADC width (N averaged readouts
+    out). The link rate is not a profile key: the paper's 50 Gb/s is used. A device on another
+    profile is only asked for its facts (no run).
+    """
+    dev = connect(f"embedded:{profile}")
+    try:
+        caps = dev.info()["capabilities"]
+    finally:
+        dev.close()
+    n = rec.n_params
+    m = batch * n_out
+    # 0 bits means an ideal converter: count it as a float64 on the link
+    dac, cpl, adc = (int(caps[k]) or 64 for k in ("dac_bits", "coupling_bits", "adc_bits"))
+    transfer = (n * dac + m * (m + 2 * n) * cpl + n * adc) / bps
+    tau = float(caps["tau_s"])
+    analog = (rec.hparams.get("analog_time", 0.0) + rec.hparams.get("delay", 0.0)) * tau
+    host = rec.summary()["host_ms_per_step"] / 1e3
+    return {"profile": profile, "tau_s": tau, "host_s": host, "analog_s": analog, "transfer_s": transfer,
+            "total_s": host + analog + transfer}
 
 
 def write_json(path: str | Path, obj: Any) -> None:

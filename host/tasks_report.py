@@ -2,8 +2,9 @@
 
 ``compare`` trains every requested optimizer on the same task, seed and batch order, then writes
 ``results.json`` (every per-step number), ``table.md`` (a markdown summary) and ``curves.png``
-(training loss per step, test accuracy per step, and loss against wall-clock with TNGD's time
-split: host time and emulated analog time, the emulator's own compute excluded).
+(training loss per step, test accuracy per step, loss against wall-clock with TNGD's clock as host
+time plus emulated analog time, and each run's per-step time split into host, analog and emulator
+compute).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from .tasks import DEVICE_OPTIMIZERS, OPTIMIZERS, TASKS, RunRecord, projected_step_s, train, write_json
+from .tasks import (
+    DEVICE_OPTIMIZERS,
+    OPTIMIZERS,
+    TASKS,
+    RunRecord,
+    profile_projected_step_s,
+    train,
+    write_json,
+)
 
 # Optional libraries behind some baselines: left out of a comparison (and said so) when missing.
 _NEEDS = {"kfac": "asdl", "shampoo": "pytorch_optimizer", "soap": "pytorch_optimizer"}
@@ -66,20 +76,22 @@ def run_train(args: argparse.Namespace, overrides: dict | None, hparams: dict) -
     out = Path(args.out or f"{args.task}-{args.optimizer}.json")
     ckpt = None if (args.checkpoint or "").lower() == "none" else Path(args.checkpoint or out.with_suffix(".pt"))
     rec = train(task, args.optimizer, device=args.device, device_overrides=overrides, checkpoint=ckpt,
+                checkpoint_every=args.checkpoint_every, resume=args.resume,
                 **_train_kwargs(args), **_hp_for(args.optimizer, hparams))
     write_json(out, rec.to_json())
     print(json.dumps({**rec.summary(), "results": str(out), "checkpoint": str(ckpt) if ckpt else None}, indent=1))
     return 0
 
 
-def markdown_table(records: list[RunRecord], batch: int, n_out: int) -> str:
+def markdown_table(records: list[RunRecord], projections: dict[str, dict[str, Any]]) -> str:
+    """The summary table; ``projections`` by run label (device runs) from ``profile_projected_step_s``."""
     head = ("| run | lr | steps | final train loss (last 10%) | full train loss | test acc (final) | "
             "test acc (best) | wall ms/step | host ms/step | emulator ms/step | analog us/step | "
-            "projected ms/step (paper HW) |")
+            "projected ms/step (tngd-paper HW) |")
     rows = [head, "|" + "---|" * 12]
     for r in records:
         s = r.summary()
-        proj = f"{1e3 * projected_step_s(r, batch, n_out)['total_s']:.2f}" if r.optimizer in DEVICE_OPTIMIZERS else "-"
+        proj = f"{1e3 * projections[r.label]['total_s']:.2f}" if r.label in projections else "-"
         rows.append(f"| {r.label} | {r.hparams.get('lr')} | {s['steps']} | {s['final_loss_avg10pct']:.4f} | "
                     f"{s['train_loss_full']:.4f} | {s['test_accuracy']:.4f} | {s['best_test_accuracy']:.4f} | "
                     f"{s['wall_ms_per_step']:.1f} | {s['host_ms_per_step']:.1f} | {s['emulator_ms_per_step']:.1f} | "
@@ -97,7 +109,13 @@ def _smooth(y: list[float], w: int) -> np.ndarray:
 
 
 def plot(records: list[RunRecord], path: Path, title: str) -> bool:
-    """Three panels; returns False (and writes nothing) when matplotlib is not installed."""
+    """Four panels; returns False (and writes nothing) when matplotlib is not installed.
+
+    Loss per step; test accuracy per step; loss against wall-clock, where a device run's clock is
+    host time plus emulated analog time (what a real device would take; solid) and, dotted, the
+    measured wall-clock with the emulator's own compute; and per-step time split into host,
+    analog and emulator compute (log scale: the analog part is microseconds).
+    """
     try:
         import matplotlib
 
@@ -105,19 +123,33 @@ def plot(records: list[RunRecord], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.8))
     w = max(1, len(records[0].loss) // 30)
-    for r in records:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(records):
+        c = colors[i % len(colors)]
         ls = "-" if r.optimizer in DEVICE_OPTIMIZERS else "--"
-        ax[0].plot(r.steps, _smooth(r.loss, w), ls, label=r.label)
-        ax[1].plot(r.eval_steps, r.test_accuracy, ls + "o", ms=3, label=r.label)
-        # device runs: host time plus the analog time a real device would take (emulator excluded)
-        wall = np.asarray(r.wall_s) - np.asarray(r.emulator_s) + np.asarray(r.analog_s)
-        ax[2].plot(wall, _smooth(r.loss, w), ls, label=r.label)
+        ax[0].plot(r.steps, _smooth(r.loss, w), ls, color=c, label=r.label)
+        ax[1].plot(r.eval_steps, r.test_accuracy, ls + "o", ms=3, color=c, label=r.label)
+        host = np.asarray(r.wall_s) - np.asarray(r.emulator_s)
+        ax[2].plot(host + np.asarray(r.analog_s), _smooth(r.loss, w), ls, color=c, label=r.label)
+        if r.optimizer in DEVICE_OPTIMIZERS:
+            ax[2].plot(r.wall_s, _smooth(r.loss, w), ":", lw=1, color=c)
     ax[0].set(xlabel="step", ylabel=f"training loss (mini-batch, {w}-step mean)", yscale="log", title=title)
     ax[1].set(xlabel="step", ylabel="test accuracy (held-out split)", ylim=(0.5, 1.0))
-    ax[2].set(xlabel="wall-clock s (TNGD: host + analog time)", ylabel="training loss", xscale="log",
-              yscale="log")
+    ax[2].set(xlabel="wall-clock s (TNGD solid: host + analog; dotted: with emulator compute)",
+              ylabel="training loss", xscale="log", yscale="log")
+    labels = [r.label for r in records]
+    y = np.arange(len(records))
+    parts = (("host", lambda s: s["host_ms_per_step"], "tab:blue"),
+             ("analog (emulated)", lambda s: 1e-3 * s["analog_us_per_step"], "tab:red"),
+             ("emulator compute", lambda s: s["emulator_ms_per_step"], "tab:gray"))
+    for k, (name, get, color) in enumerate(parts):
+        vals = [get(r.summary()) for r in records]
+        ax[3].barh(y + (k - 1) * 0.27, [v if v > 0 else np.nan for v in vals], height=0.27, color=color, label=name)
+    ax[3].set(yticks=y, yticklabels=labels, xscale="log", xlabel="ms per step (measured on this machine)")
+    ax[3].invert_yaxis()
+    ax[3].legend(fontsize=8, loc="lower right")
     for a in ax:
         a.grid(alpha=0.3)
     ax[1].legend(fontsize=8, loc="lower right")
@@ -146,12 +178,14 @@ def run_compare(args: argparse.Namespace, overrides: dict | None, hparams: dict)
         print(f"{rec.label:>11}: loss {s['final_loss_avg10pct']:.4f}  test acc {s['test_accuracy']:.4f}  "
               f"{s['wall_ms_per_step']:.1f} ms/step", file=sys.stderr, flush=True)
     batch = args.batch_size or task.batch_size
-    table = markdown_table(records, batch, 10)
+    projections = {r.label: profile_projected_step_s(r, batch, 10) for r in records
+                   if r.optimizer in DEVICE_OPTIMIZERS}
+    table = markdown_table(records, projections)
     (out_dir / "table.md").write_text(table)
-    projections = {r.label: projected_step_s(r, batch, 10) for r in records if r.optimizer in DEVICE_OPTIMIZERS}
     write_json(out_dir / "results.json", {"task": task.name, "seed": args.seed, "skipped": skipped,
                                           "total_wall_s": time.perf_counter() - t0,
-                                          "projected_step_s_paper_hw": projections,
+                                          "loadavg": os.getloadavg(), "cpus": os.cpu_count(),
+                                          "projected_step_s_tngd_paper": projections,
                                           "runs": [r.to_json() for r in records]})
     plotted = plot(records, out_dir / "curves.png", f"{task.name}: seed {args.seed}")
     print(table)

@@ -37,6 +37,7 @@ from protocol.device import Device
 from protocol.drift import Drift, drift_matvec
 from protocol.errors import InvalidInputError
 
+from .adapt import DriftAdapter, device_capabilities
 from .baselines import SGD, Adam, damped
 
 INITS = ("warm", "grad", "reset")
@@ -124,11 +125,13 @@ class TNGD:
         self.steps = 0
         self.last = StepStats()
         self._last_step: tuple[np.ndarray, np.ndarray, Drift] | None = None
+        # what the device declares (cells, drift forms): curvature is converted to fit, or refused early
+        self.adapt = DriftAdapter(device_capabilities(device))
 
     def direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
         """x_bar: the device's estimate of (curvature + damping I)^-1 grad for this step."""
         g = np.asarray(grad, dtype=np.float64)
-        drift = damped(curvature, self.damping)
+        drift = self.adapt(damped(curvature, self.damping))
         if self.init == "grad" or (self.init == "warm" and self.steps == 0):
             self.device.state = g
         t0 = time.perf_counter()

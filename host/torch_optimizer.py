@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocol.device import Device
+from protocol.device import Device, DeviceSnapshot
 from protocol.drift import Drift
-from protocol.errors import InvalidInputError
+from protocol.errors import InvalidInputError, UnsupportedError
 
 from .baselines import NGDCG, ExactNGD
 from .curvature import Curvature, torch_curvature
@@ -124,6 +124,26 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._load_extra_state(extra)
 
 
+def snapshot_to_torch(device: Device) -> dict[str, Any] | None:
+    """The device's snapshot in a form ``torch.load(weights_only=True)`` accepts; None when the
+    device cannot snapshot (then a checkpoint carries only the analog state: resuming continues
+    the warm start, with a new noise stream)."""
+    take = getattr(device, "snapshot", None)
+    if take is None:
+        return None
+    try:
+        snap = take()
+    except UnsupportedError:
+        return None
+    return {"meta": snap.meta, "arrays": {k: torch.from_numpy(np.array(v)) for k, v in snap.arrays.items()}}
+
+
+def snapshot_from_torch(d: dict[str, Any] | None) -> DeviceSnapshot | None:
+    if d is None:
+        return None
+    return DeviceSnapshot(dict(d["meta"]), {k: v.detach().cpu().numpy() for k, v in d["arrays"].items()})
+
+
 class TNGDOptimizer(CurvatureOptimizer):
     """TNGD as a ``torch.optim.Optimizer``. Arguments as ``host.TNGD``; ``inner="adam"`` is TNGD-Adam.
 
@@ -147,10 +167,14 @@ class TNGDOptimizer(CurvatureOptimizer):
                          weight_decay=weight_decay, loss=loss, kind=kind)
         self.engine = TNGD(device, lr, analog_time, damping, delay, burn_in, init=init, lm=lm)
         self._pending_state: np.ndarray | None = None
+        self._pending_snapshot: DeviceSnapshot | None = None
         self._last: tuple[np.ndarray, np.ndarray, Drift, float] | None = None
 
     def _direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
-        if self._pending_state is not None:  # restored from a checkpoint: resume the warm start
+        if self._pending_snapshot is not None:  # restored from a checkpoint: the whole device, noise too
+            self.engine.device.restore(self._pending_snapshot)  # type: ignore[attr-defined]
+            self._pending_snapshot = self._pending_state = None
+        if self._pending_state is not None:  # at least the warm start
             self.engine.device.state = self._pending_state
             self._pending_state = None
         return self.engine.direction(grad, curvature)
@@ -187,13 +211,15 @@ class TNGDOptimizer(CurvatureOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         state = self.engine.device.state if self.engine.steps else np.zeros(0)
         return {"steps": self.engine.steps, "damping": self.engine.damping,
-                "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64))}
+                "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64)),
+                "device_snapshot": snapshot_to_torch(self.engine.device) if self.engine.steps else None}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.engine.steps = int(extra["steps"])
         self.engine.damping = float(extra["damping"])
         st = extra["device_state"].detach().cpu().numpy().astype(np.float64)
         self._pending_state = st if st.size else None
+        self._pending_snapshot = snapshot_from_torch(extra.get("device_snapshot"))
 
 
 class NGDOptimizer(CurvatureOptimizer):

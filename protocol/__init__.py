@@ -3,9 +3,11 @@
 This package imports nothing of ``thermo_device`` or ``host``; both depend on it.
 """
 
-from .device import Device, RunResult
+from .capabilities import BACKEND_INTERFACE_VERSION, Capabilities
+from .device import Device, DeviceSnapshot, RunResult
 from .drift import DRIFT_FORMS, Dense, Diagonal, Drift, Factored, drift_form, drift_matvec
 from .errors import (
+    AuthenticationError,
     BusyError,
     CapacityError,
     DeviceError,
@@ -30,9 +32,9 @@ from .messages import PROTOCOL_VERSION, Limits, Op
 __all__ = [
     "DRIFT_FORMS", "CapacityError", "Dense", "Device", "DeviceError", "Diagonal", "Drift",
     "ErrorCode", "Factored", "InvalidInputError", "NonFiniteError", "NotProgrammedError",
-    "NotStableError", "ProfileError", "RunResult", "ShapeError", "UnsupportedError",
-    "drift_form", "drift_matvec",
+    "NotStableError", "ProfileError", "RunResult", "DeviceSnapshot", "ShapeError", "UnsupportedError",
+    "drift_form", "drift_matvec", "BACKEND_INTERFACE_VERSION", "Capabilities",
     # the wire (protocol.codec holds the codec; it imports pyzmq, so it is not imported here)
-    "PROTOCOL_VERSION", "BusyError", "DeviceTimeoutError", "Limits", "Op", "ProtocolError",
+    "PROTOCOL_VERSION", "AuthenticationError", "BusyError", "DeviceTimeoutError", "Limits", "Op", "ProtocolError",
     "StaleRequestError", "TooLargeError", "UnknownOperationError", "UnknownSessionError", "VersionError",
 ]

@@ -13,7 +13,6 @@ index, dtype (allow-list), shape (rank and axis limits) and the exact byte lengt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -42,6 +41,7 @@ from .messages import (
 )
 
 _DTYPES = {s: np.dtype(s) for s in WIRE_DTYPES}
+_NATIVE_WIRE = frozenset(_DTYPES.values())  # dtype equality includes the byte order
 _VERSION = list(PROTOCOL_VERSION)
 
 
@@ -57,6 +57,8 @@ class Message(NamedTuple):
 
 def wire_array(value: np.ndarray, name: str) -> np.ndarray:
     """``value`` as a C-contiguous little-endian array of a wire dtype (a copy only if needed)."""
+    if type(value) is np.ndarray and value.dtype in _NATIVE_WIRE and value.flags.c_contiguous:
+        return value  # the common case, checked without building anything
     arr = np.asarray(value)
     kind = arr.dtype.kind
     if kind == "f":
@@ -93,10 +95,6 @@ def send(sock: zmq.Socket, frames: list[Any], envelope: Sequence[Any] = (), flag
     """
     big = any(isinstance(f, np.ndarray) and f.nbytes >= zmq.COPY_THRESHOLD for f in frames)
     sock.send_multipart([*envelope, *frames], flags=flags, copy=not big)
-
-
-def _view(frame: Any) -> memoryview:
-    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
 
 
 def _unpack_header(view: memoryview, limits: Limits) -> dict[str, Any]:
@@ -142,13 +140,17 @@ def _spec(i: int, d: Any, view: memoryview, limits: Limits,
     dt = _DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
         raise ProtocolError(f"array {name}: dtype {dtype!r} is not allowed (allowed: {', '.join(WIRE_DTYPES)})")
-    if (type(shape) is not list or len(shape) > limits.max_ndim
-            or not all(type(s) is int and s >= 0 for s in shape)):
+    if type(shape) is not list or len(shape) > limits.max_ndim:
         raise ProtocolError(f"array {name}: shape must be a list of at most {limits.max_ndim} "
                             f"non-negative integers, got {shape!r}")
-    if shape and max(shape) > limits.max_dimension:
-        raise TooLargeError(f"array {name}: shape {shape} has an axis above the limit {limits.max_dimension}")
-    count = math.prod(shape)  # Python ints: no overflow
+    count = 1
+    for s in shape:  # Python ints: no overflow
+        if type(s) is not int or s < 0:
+            raise ProtocolError(f"array {name}: shape must be a list of at most {limits.max_ndim} "
+                                f"non-negative integers, got {shape!r}")
+        if s > limits.max_dimension:
+            raise TooLargeError(f"array {name}: shape {shape} has an axis above the limit {limits.max_dimension}")
+        count *= s
     if count * dt.itemsize != view.nbytes:
         raise ProtocolError(f"array {name}: dtype {dtype} and shape {shape} need {count * dt.itemsize} "
                             f"bytes, its frame has {view.nbytes}")
@@ -157,7 +159,7 @@ def _spec(i: int, d: Any, view: memoryview, limits: Limits,
 
 def _build(spec: tuple[str, np.dtype, list[int], int], view: memoryview) -> np.ndarray:
     """A view on a checked frame (no copy)."""
-    name, dt, shape, count = spec
+    _, dt, shape, count = spec
     if count == 0:
         return np.zeros(shape, dtype=dt)
     arr = np.frombuffer(view, dtype=dt)
@@ -176,8 +178,10 @@ def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Mess
     """
     if not frames:
         raise ProtocolError("empty message")
-    views = [_view(f) for f in frames]
-    total = sum(v.nbytes for v in views)
+    views = [f.buffer if type(f) is zmq.Frame else memoryview(f) for f in frames]
+    total = 0
+    for v in views:
+        total += v.nbytes
     if total > limits.max_message_bytes:
         raise TooLargeError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
     header = _unpack_header(views[0], limits)

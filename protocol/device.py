@@ -38,6 +38,21 @@ class RunResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class DeviceSnapshot:
+    """A device's complete dynamic state, for checkpoints and fail-over (``snapshot``/``restore``).
+
+    Attributes:
+        meta: msgpack-native data (backend name, profile, generator states, program forms, ...).
+        arrays: named arrays (analog state, the programs' drift arrays and biases, ...).
+
+    The content is the backend's business; a host stores it and hands it back unchanged.
+    """
+
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Device(Protocol):
     """A stochastic processing unit, as a host sees it."""

@@ -29,7 +29,7 @@ class ErrorCode(StrEnum):
     STALE_REQUEST = "stale_request"  # sequence number older than the last one served
     BUSY = "busy"  # work queue full; retry later
     TIMEOUT = "timeout"  # no reply within the deadline (raised client-side)
-    AUTH = "auth"  # authentication failed
+    AUTH = "auth"  # the security handshake was refused (client-side)
     INTERNAL = "internal"  # a bug in the device; the daemon keeps serving
 
 
@@ -112,8 +112,14 @@ class DeviceTimeoutError(DeviceError, TimeoutError):
     code = ErrorCode.TIMEOUT
 
 
-class AuthError(DeviceError):
+class AuthenticationError(DeviceError, PermissionError):
+    """The daemon refused the ZeroMQ security handshake (raised by the client: a refused peer gets
+    no reply at all, so this code never travels in a reply)."""
+
     code = ErrorCode.AUTH
+
+
+AuthError = AuthenticationError  # the name this class had while CURVE was only planned
 
 
 class InternalError(DeviceError):
@@ -126,7 +132,7 @@ _BY_CODE: dict[ErrorCode, type[DeviceError]] = {
         InvalidInputError, ShapeError, NonFiniteError, NotStableError, CapacityError, ProfileError,
         NotProgrammedError, UnsupportedError, ProtocolError, VersionError, TooLargeError,
         UnknownOperationError, UnknownSessionError, StaleRequestError, BusyError,
-        DeviceTimeoutError, AuthError, InternalError,
+        DeviceTimeoutError, AuthenticationError, InternalError,
     )
 }
 

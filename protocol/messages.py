@@ -12,7 +12,7 @@ from enum import StrEnum
 PROTOCOL_NAME = "thermo-ngd"
 # (major, minor): a different major is refused; a different minor is accepted and unknown fields
 # are ignored, so compatible additions bump only the minor.
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
 
 # Optional capabilities negotiated in ``hello`` (the daemon replies with the intersection).
 FEATURES: tuple[str, ...] = ("seq_replay", "restart_detect")
@@ -34,6 +34,8 @@ class Op(StrEnum):
     GET_STATE = "get_state"
     SET_STATE = "set_state"
     CALIBRATE = "calibrate"
+    SNAPSHOT = "snapshot"
+    RESTORE = "restore"
     STATUS = "status"
     PING = "ping"
 
@@ -44,6 +46,7 @@ class OpSpec:
 
     ``session``: needs a session id and a sequence number (replayed on retry).
     ``control``: answered by the daemon's I/O path, never queued behind a compute job.
+    ``ANY_ARRAYS`` in ``arrays``: the backend names the arrays (snapshots).
     """
 
     args: tuple[str, ...]
@@ -54,6 +57,7 @@ class OpSpec:
     control: bool = False
 
 
+ANY_ARRAYS = "*"
 _DRIFT_ARRAYS = ("matrix", "J", "H", "diag", "bias")
 _RUN_ARGS = ("duration", "burn_in", "delay", "reset", "samples", "second_moment")
 _RUN_RESULT = ("analog_time_s", "diagnostics")
@@ -72,6 +76,8 @@ OPS: dict[Op, OpSpec] = {
     Op.GET_STATE: OpSpec((), (), (), ("state",)),
     Op.SET_STATE: OpSpec((), ("state",), ()),
     Op.CALIBRATE: OpSpec((), (), ("calibration",)),
+    Op.SNAPSHOT: OpSpec((), (), ("snapshot",), (ANY_ARRAYS,)),
+    Op.RESTORE: OpSpec(("snapshot",), (ANY_ARRAYS,), ()),
     Op.STATUS: OpSpec((), (), ("instance", "uptime_s", "sessions", "queued", "running", "served",
                                "errors", "session_status"), session=False, control=True),
     Op.PING: OpSpec((), (), ("pong", "time_ns"), session=False, control=True),
@@ -94,11 +100,11 @@ class Limits:
 
     max_message_bytes: int = 512 * 1024 * 1024  # all frames of one message together
     max_header_bytes: int = 64 * 1024
-    max_arrays: int = 8
+    max_arrays: int = 32  # a snapshot carries both programs, the state and calibrations
     max_ndim: int = 3
     max_dimension: int = 1 << 24  # any single axis
     max_sessions: int = 64
-    queue_size: int = 8  # compute jobs waiting behind the running one; more get "busy"
+    queue_size: int = 16  # compute jobs waiting behind the running one; more get "busy" (= RCVHWM)
     session_idle_s: float = 3600.0  # an idle session is reclaimed after this long (0: never)
 
     def as_dict(self) -> dict[str, int | float]:

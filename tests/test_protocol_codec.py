@@ -191,3 +191,23 @@ def test_drift_from_wire_rejects_bad_descriptions():
     with pytest.raises(DeviceError) as info:
         drift_from_wire({"form": "diagonal"}, {"diag": np.array([1.0, np.nan])})
     assert info.value.code == ErrorCode.NON_FINITE
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [7, 100_001, 3_000_001])  # each scan path
+def test_finiteness_scan_finds_every_nan_and_inf_and_no_false_alarm(dtype, size):
+    from protocol.drift import all_finite
+
+    x = np.random.default_rng(0).standard_normal(size).astype(dtype)
+    assert all_finite(x)
+    big = x.copy()
+    big[::3] = np.finfo(dtype).max / 2  # finite, but x.x overflows: must fall back, not reject
+    assert all_finite(big)
+    for pos in (0, size // 2 - 1, size // 2, size - 1):  # both halves and their seam
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[pos] = bad
+            assert not all_finite(y), (pos, bad)
+            assert not all_finite(y.reshape(1, -1)[:, ::-1])  # a non-contiguous view
+    with pytest.raises(DeviceError, match="NaN or Inf"):
+        Factored(x.reshape(1, -1) * np.array([[np.nan]], dtype=dtype), np.eye(1, dtype=dtype))

@@ -67,6 +67,35 @@ def test_state_dict_round_trip_continues_bit_for_bit(inner: str) -> None:
     assert opt2.state_dict()["extra"]["steps"] == 6
 
 
+def test_a_checkpoint_with_the_device_snapshot_resumes_bit_for_bit_with_noise() -> None:
+    # kappa > 0: the continuation depends on the device's noise stream, which only the snapshot
+    # carries (the analog state alone would resume with a fresh stream, and differ)
+    kw = {"lr": 0.05, "analog_time": 2.0, "damping": 0.1}
+    batches = _batches(6)
+    model = _model()
+    opt = TNGDOptimizer(model.parameters(), _dev(0.01), **kw)
+    for x, y in batches[:3]:
+        opt.step(model, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for x, y in batches[3:]:
+        opt.step(model, x, y)
+    expected = _vec(model)
+    for with_snapshot in (True, False):
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        if not with_snapshot:
+            ckpt["opt"]["extra"]["device_snapshot"] = None
+        model2 = _model()
+        model2.load_state_dict(ckpt["model"])
+        opt2 = TNGDOptimizer(model2.parameters(), host.connect("embedded:ideal", seed=7, overrides={
+            **EXACT, "noise.kappa": 0.01}), **kw)  # another seed: the snapshot decides
+        opt2.load_state_dict(ckpt["opt"])
+        for x, y in batches[3:]:
+            opt2.step(model2, x, y)
+        assert np.array_equal(_vec(model2), expected) is with_snapshot
+
+
 def test_without_the_device_state_the_continuation_differs() -> None:
     # the control for the round-trip test: the device state is what carries the warm start
     kw = {"lr": 0.05, "analog_time": 2.0, "damping": 0.1, "burn_in": 1.0}
@@ -79,6 +108,7 @@ def test_without_the_device_state_the_continuation_differs() -> None:
         opt2.step(model2, x, y)
     sd = opt.state_dict()
     sd["extra"]["device_state"] = torch.zeros(0, dtype=torch.float64)
+    sd["extra"]["device_snapshot"] = None
     opt2.load_state_dict(sd)
     opt2.engine.device.state = np.zeros(sum(p.numel() for p in model2.parameters()))
     opt.step(model, *batches[3])

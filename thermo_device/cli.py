@@ -1,4 +1,4 @@
-"""thermo-device: the device side's command line (info, serve)."""
+"""thermo-device: the device side's command line (info, serve), for any registered backend."""
 
 from __future__ import annotations
 
@@ -25,14 +25,36 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="emulator",
+                        help="backend name: emulator (default; --profile/--set apply), register (the "
+                             "reference board driver), or a plugin of the thermo_device.backends group")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="option for the backend's factory (repeatable), e.g. address=127.0.0.1:7700")
+
+
+def _plugin_options(args: argparse.Namespace) -> dict[str, object] | None:
+    """Factory options for a plugin backend, or None when the emulator path of --profile applies."""
+    from .plugins import parse_options
+
+    options = parse_options(args.backend_option)
+    if args.backend != "emulator":
+        return options
+    if not options:
+        return None
+    return {"profile": args.profile, **_overrides(args.set), **options}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermo-device", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print the capabilities of an emulated device as JSON")
+    info = sub.add_parser("info", help="print the capabilities of a device as JSON")
     info.add_argument("--profile", default="ideal", help="built-in profile name or TOML path")
     info.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a profile key (repeatable)")
-    serve = sub.add_parser("serve", help="serve emulated devices over ZeroMQ (one per session)")
+    _backend_args(info)
+    serve = sub.add_parser("serve", help="serve devices over ZeroMQ (one backend per session)")
+    _backend_args(serve)
     serve.add_argument("--profile", default="ideal", help="built-in profile name or TOML path")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
                        help="ZeroMQ endpoint (loopback by default; a '*' port picks a free one)")
@@ -46,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-idle-s", type=float, default=Limits().session_idle_s,
                        help="reclaim a session idle this long (0: never)")
     serve.add_argument("--allow-remote", action="store_true",
-                       help="allow a non-loopback bind (the protocol has no authentication yet)")
+                       help="allow a non-loopback bind without CURVE (anyone who reaches the port can use it)")
+    serve.add_argument("--curve-secret-key", metavar="FILE",
+                       help="CURVE: this daemon's NAME.key_secret certificate (from 'keygen'); "
+                            "needs --allow-keys (see docs/security.md)")
+    serve.add_argument("--allow-keys", metavar="DIR",
+                       help="CURVE: directory of allowed clients' public *.key certificates "
+                            "(re-read on SIGHUP)")
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("--out", required=True, metavar="DIR", help="directory to write the two files to")
+    keygen.add_argument("--name", required=True, help="file name stem, e.g. 'daemon' or a client's host name")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair of that name")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
@@ -56,23 +88,53 @@ def serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from . import Emulator, load_profile
+    from . import Backend, Emulator, load_profile
     from .daemon import Daemon, check_bind
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.max_message_bytes <= 0 or args.max_sessions <= 0 or args.queue_size < 0:
         raise SystemExit("--max-message-bytes and --max-sessions must be positive, --queue-size >= 0")
-    check_bind(args.bind, args.allow_remote)
-    profile = load_profile(args.profile, _overrides(args.set))
-    Emulator(profile, 0)  # fail at start-up, not at the first session, on a profile it cannot run
+    security = None
+    if args.curve_secret_key or args.allow_keys:
+        if not (args.curve_secret_key and args.allow_keys):
+            raise SystemExit("CURVE needs both --curve-secret-key and --allow-keys (ironhouse: "
+                             "only allow-listed clients)")
+        from .security import ServerSecurity
+
+        security = ServerSecurity(args.curve_secret_key, args.allow_keys)
+    check_bind(args.bind, args.allow_remote, authenticated=security is not None)
+    options = _plugin_options(args)
+    describe = None
+    if options is None:
+        profile = load_profile(args.profile, _overrides(args.set))
+        Emulator(profile, 0)  # fail at start-up, not at the first session, on a profile it cannot run
+        cells = profile.device.cells
+
+        def factory(seed: int) -> Emulator:
+            return Emulator(profile, seed)
+    else:
+        from .plugins import create
+
+        name = args.backend
+        probe = create(name, 0, options)  # fail at start-up on a backend that cannot be built
+        try:
+            describe = probe.info()
+            cells = probe.capabilities().cells
+        finally:
+            probe.close()  # a board serves one driver at a time: release it for the sessions
+
+        def factory(seed: int) -> Backend:
+            return create(name, seed, options)
     limits = Limits(max_message_bytes=args.max_message_bytes, max_sessions=args.max_sessions,
                     queue_size=args.queue_size, session_idle_s=args.session_idle_s,
-                    max_dimension=max(Limits().max_dimension, profile.device.cells))
-    daemon = Daemon(lambda seed: Emulator(profile, seed), args.bind, limits=limits)
+                    max_dimension=max(Limits().max_dimension, cells))
+    daemon = Daemon(factory, args.bind, limits=limits, describe=describe, security=security)
     endpoint = daemon.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: daemon.stop())
+    if security is not None:
+        signal.signal(signal.SIGHUP, lambda *_: security.reload())
     # One line on stdout so scripts (and tests) learn the endpoint when the port was '*'.
     print(f"serving {endpoint} instance {daemon.instance}", flush=True)
     daemon.serve()
@@ -85,11 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from . import Emulator, load_profile
 
-            dev = Emulator(load_profile(args.profile, _overrides(args.set)))
-            print(json.dumps(dev.info(), indent=2))
+            options = _plugin_options(args)
+            if options is None:
+                dev = Emulator(load_profile(args.profile, _overrides(args.set)))
+            else:
+                from .plugins import create
+
+                dev = create(args.backend, 0, options)
+            try:
+                print(json.dumps(dev.info(), indent=2))
+            finally:
+                dev.close()
             return 0
         if args.command == "serve":
             return serve(args)
+        if args.command == "keygen":
+            from .security import keygen
+
+            public, secret = keygen(args.out, args.name, force=args.force)
+            print(f"public key (share it): {public}\nsecret key (keep it private): {secret}")
+            return 0
     except DeviceError as exc:
         print(f"thermo-device: error [{exc.code.value}]: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from protocol.codec import (
     result_to_wire,
     send,
 )
-from protocol.device import Device
+from protocol.device import Device, DeviceSnapshot
 from protocol.drift import as_finite_scalar, as_float_array
 from protocol.errors import (
     BusyError,
@@ -51,24 +51,27 @@ from protocol.errors import (
     InvalidInputError,
     ProtocolError,
     StaleRequestError,
+    TooLargeError,
     UnknownOperationError,
     UnknownSessionError,
     UnsupportedError,
 )
-from protocol.messages import FEATURES, OPS, PROTOCOL_VERSION, Limits, Op
+from protocol.messages import ANY_ARRAYS, FEATURES, OPS, PROTOCOL_VERSION, Limits, Op
 
+from .security import ServerSecurity, check_remote_bind_allowed
 from .session import Job, Session, SessionTable
 
 log = logging.getLogger("thermo_device.daemon")
 
 BackendFactory = Callable[[int], Device]
 MUTATING = frozenset({Op.OPEN_SESSION, Op.CLOSE_SESSION, Op.PROGRAM, Op.RUN, Op.STEP, Op.SET_STATE,
-                      Op.CALIBRATE})
+                      Op.CALIBRATE, Op.RESTORE})
 MAX_SAMPLES = 1 << 20
+REAP_INTERVAL_S = 0.5
 
 
-def check_bind(address: str, allow_remote: bool = False) -> None:
-    """Refuse a non-loopback TCP bind unless asked for: the protocol has no authentication yet."""
+def check_bind(address: str, allow_remote: bool = False, authenticated: bool = False) -> None:
+    """Refuse a non-loopback TCP bind without CURVE (``authenticated``) unless ``allow_remote``."""
     if not address.startswith("tcp://"):
         if not address.startswith(("ipc://", "inproc://")):
             raise InvalidInputError(f"bind address must be tcp://, ipc:// or inproc://, got {address!r}")
@@ -80,9 +83,9 @@ def check_bind(address: str, allow_remote: bool = False) -> None:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback and not allow_remote:
-        raise InvalidInputError(f"refusing to bind {address}: not a loopback address and the protocol "
-                                "has no authentication; pass --allow-remote to do it anyway")
+    why = check_remote_bind_allowed(loopback, allow_remote, authenticated)
+    if why is not None:
+        raise InvalidInputError(f"refusing to bind {address}: {why}")
 
 
 class Daemon:
@@ -95,11 +98,12 @@ class Daemon:
         describe: the backend description sent in ``hello`` (default: a fresh backend's info()).
         grace_s: how long a compute job runs before the control thread takes over the socket.
         linger_ms: bound on how long unsent replies delay shutdown.
+        security: CURVE server keys and client allow-list (None: plaintext, no authentication).
     """
 
     def __init__(self, backend_factory: BackendFactory, bind: str, *, limits: Limits | None = None,
                  describe: dict[str, Any] | None = None, grace_s: float = 0.01,
-                 linger_ms: int = 1000) -> None:
+                 linger_ms: int = 1000, security: ServerSecurity | None = None) -> None:
         self.factory = backend_factory
         self.bind = bind
         self.limits = limits or Limits()
@@ -122,6 +126,7 @@ class Daemon:
         self._running: tuple[Job, float] | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
+        self.security = security
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -138,6 +143,8 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes + self.limits.max_header_bytes)
         sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
         sock.setsockopt(zmq.RCVTIMEO, 100)  # the main loop wakes up to notice stop() and idle sessions  # drop non-ZeroMQ peers (port scanners) quickly
+        if self.security is not None:
+            self.security.apply(self._ctx, sock)  # before bind: no handshake may precede the ZAP handler
         sock.bind(self.bind)
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -164,21 +171,27 @@ class Daemon:
                 self._close_backend(s)
             assert self._sock is not None and self._ctx is not None
             self._sock.close(linger=self.linger_ms)
+            if self.security is not None:
+                self.security.stop()  # its ZAP socket would otherwise block ctx.term()
             self._ctx.term()
             log.info("event=stop instance=%s served=%d errors=%d", self.instance, self.served, self.errors)
 
     def _main_loop(self) -> None:
         sock = self._sock
         assert sock is not None
+        next_reap = 0.0
         while not self._stop.is_set():
             if self.queue:
                 self._execute(self.queue.popleft())
                 continue
             with self._sock_lock:
+                now = time.monotonic()
+                if now >= next_reap:  # leases expire under traffic too, not only when idle
+                    self._reap_idle()
+                    next_reap = now + REAP_INTERVAL_S
                 try:  # RCVTIMEO (one call) rather than poll + recv (two) on the hot path
                     frames = sock.recv_multipart(copy=False)
                 except zmq.Again:
-                    self._reap_idle()
                     continue
                 job = self._accept(frames, queue_compute=False)
             if job is not None:
@@ -220,7 +233,7 @@ class Daemon:
                                             f"(known: {', '.join(o.value for o in Op)})") from None
             spec = OPS[op]
             extra = set(msg.arrays) - set(spec.arrays)
-            if extra:
+            if extra and ANY_ARRAYS not in spec.arrays:
                 raise InvalidInputError(f"{op.value} takes no array named {', '.join(sorted(extra))} "
                                         f"(allowed: {', '.join(spec.arrays) or 'none'})")
             if op in MUTATING and seq is None:
@@ -232,16 +245,22 @@ class Daemon:
                 self._reply(identity, header, {"pong": True, "time_ns": time.time_ns()})
                 return None
             if op is Op.STATUS:
+                mine = self.sessions.get(session_id)
+                if mine is not None and mine.owner != _peer_key(body):
+                    session_id = None  # another key's session: its counters are not this peer's business
+                elif mine is not None:  # any request naming a session renews its lease
+                    mine.last_used = time.monotonic()
                 self._reply(identity, header, self._status(session_id))
                 return None
             if op is Op.OPEN_SESSION:
-                self._open(identity, header, session_id, seq, args)
+                self._open(identity, header, session_id, seq, args, _peer_key(body))
                 return None
             if op is Op.CLOSE_SESSION:
-                self._close(identity, header, session_id, seq)
+                self._close(identity, header, session_id, seq, _peer_key(body))
                 return None
             session = self.sessions.get(session_id)
-            if session is None:
+            if session is None or session.owner != _peer_key(body):
+                # another key's session looks exactly like no session: ids reveal nothing
                 raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
             session.last_used = time.monotonic()
             if op is Op.INFO:
@@ -309,15 +328,29 @@ class Daemon:
                 "op": running[0].op, "elapsed_s": round(time.monotonic() - running[1], 6)},
             "served": self.served,
             "errors": self.errors,
-            "session_status": None if session is None else session.status(),
+            "session_status": None if session is None else {**session.status(), "backend": self._backend_status(session)},
         })
 
+    def _backend_status(self, session: Session) -> dict[str, Any] | None:
+        """The backend's own health, when it is idle (a backend need not be thread-safe)."""
+        if session.pending is not None:
+            return None
+        status = getattr(session.backend, "status", None)
+        if status is None:
+            return None
+        try:
+            return plain(status())
+        except Exception as exc:  # a backend bug must not break the control path
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
     def _open(self, identity: list[Any], header: dict[str, Any], session_id: str | None,
-              seq: int | None, args: dict[str, Any]) -> None:
+              seq: int | None, args: dict[str, Any], owner: str) -> None:
         if session_id is None:
             raise InvalidInputError("open_session needs a session id chosen by the client")
         existing = self.sessions.get(session_id)
         if existing is not None:
+            if existing.owner != owner:
+                raise InvalidInputError(f"session {session_id!r} is already open")
             if seq == 0 and existing.last_seq == 0 and existing.last_reply is not None:
                 self._send(identity, existing.last_reply)  # a retried open
                 return None
@@ -331,15 +364,17 @@ class Daemon:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer or null, got {seed!r}")
         backend = self.factory(seed)
-        session = Session(session_id, backend, seed, backend.info())
+        session = Session(session_id, backend, seed, backend.info(), owner=owner)
         session.last_reply = self._reply(identity, header, plain({"session": session_id, "info": session.info}))
         self.sessions.add(session)
         log.info("event=open session=%s seed=%d sessions=%d", session_id[:8], seed, len(self.sessions))
         return None
 
     def _close(self, identity: list[Any], header: dict[str, Any], session_id: str | None,
-               seq: int | None) -> None:
+               seq: int | None, owner: str) -> None:
         session = self.sessions.get(session_id)
+        if session is not None and session.owner != owner:
+            raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
         if session is None:
             remembered = self.sessions.closed.get(session_id) if session_id else None
             if remembered is not None and remembered[0] == seq:
@@ -384,6 +419,9 @@ class Daemon:
             result, arrays = self._compute(job)
         except DeviceError as exc:
             error = exc
+        except np.linalg.LinAlgError as exc:  # finite but extreme input (1e308 entries) defeats LAPACK
+            error = InvalidInputError(f"{job.op}: numerical failure on this input ({exc}); "
+                                      "are its values within the device's full scale?")
         except Exception as exc:  # a backend bug; report it and keep serving
             log.exception("event=backend_error op=%s session=%s", job.op, session.id[:8])
             error = InternalError(f"{type(exc).__name__}: {exc}")
@@ -412,9 +450,13 @@ class Daemon:
         dev, args, arrays = job.session.backend, job.args, job.arrays
         if job.op == Op.STEP:
             drift = drift_from_wire(args.get("drift"), arrays)
-            return result_to_wire(dev.step(drift, _bias(arrays), **_run_kwargs(args)))
+            kwargs = _run_kwargs(args)
+            _check_reply_size(kwargs, drift.dim, self.limits)
+            return result_to_wire(dev.step(drift, _bias(arrays), **kwargs))
         if job.op == Op.RUN:
-            return result_to_wire(dev.run(**_run_kwargs(args)))
+            kwargs = _run_kwargs(args)
+            _check_reply_size(kwargs, int(np.size(dev.state)), self.limits)  # 2N underdamped: conservative
+            return result_to_wire(dev.run(**kwargs))
         if job.op == Op.PROGRAM:
             dev.program(drift_from_wire(args.get("drift"), arrays), _bias(arrays))
             return {}, {}
@@ -434,6 +476,8 @@ class Daemon:
             except TypeError as exc:  # an option this backend does not take
                 raise InvalidInputError(f"calibrate: {exc}") from None
             return plain({"calibration": record}), {}
+        if job.op in (Op.SNAPSHOT, Op.RESTORE):
+            return _snapshot_op(dev, job.op, args, arrays)
         raise UnknownOperationError(f"operation {job.op!r} has no compute handler")  # pragma: no cover
 
     # -- sending ----------------------------------------------------------------------------------
@@ -459,6 +503,31 @@ class Daemon:
             log.warning("event=reply_dropped reason=%s", exc)
 
 
+def _peer_key(body: list[Any]) -> str:
+    """The CURVE public key (Z85) ZAP authenticated for this message's connection, "" without CURVE."""
+    try:
+        return body[0].get("User-Id") or ""
+    except (zmq.ZMQError, AttributeError, IndexError):  # no ZAP handler: no user id
+        return ""
+
+
+def _snapshot_op(dev: Device, op: str, args: dict[str, Any],
+                 arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """snapshot / restore, for backends that implement them (optional members of a Device)."""
+    method = getattr(dev, op, None)
+    if method is None:
+        raise UnsupportedError(f"this backend cannot {op} its state")
+    if op == Op.SNAPSHOT:
+        snap = method()
+        return plain({"snapshot": snap.meta}), dict(snap.arrays)
+    meta = args.get("snapshot")
+    if not isinstance(meta, dict):
+        raise InvalidInputError("restore needs args.snapshot, the meta map of a snapshot")
+    # Views on the request frames would pin them; the backend keeps what it needs (it copies).
+    method(DeviceSnapshot(meta, dict(arrays)))
+    return {}, {}
+
+
 def _bias(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     bias = arrays.get("bias")
     return None if bias is None else as_float_array(bias, "bias", 1)
@@ -468,6 +537,17 @@ def _time(value: Any, name: str) -> float:
     if type(value) is float and 0.0 <= value < math.inf:  # the common case, without NumPy
         return value
     return as_finite_scalar(value, name, minimum=0.0)  # the checks and error messages
+
+
+def _check_reply_size(kwargs: dict[str, Any], n: int, limits: Limits) -> None:
+    """Refuse a run whose result (samples K x N, second moment N x N) would exceed the message
+    limit: 2^20 samples of 4096 cells is 34 GB, built by the backend before any reply is sent."""
+    values = kwargs["samples"] * n + (n * n if kwargs["second_moment"] else 0) + 2 * n
+    if values * 8 > limits.max_message_bytes:
+        raise TooLargeError(f"the result ({kwargs['samples']} samples of {n} cells"
+                            f"{', second moment' if kwargs['second_moment'] else ''}) would take "
+                            f"{values * 8} bytes, over max_message_bytes = {limits.max_message_bytes}; "
+                            "ask for fewer samples")
 
 
 def _run_kwargs(args: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,9 @@ Time is in units of tau. Two representations come out of a programmed drift:
 * ``ModalSystem``: symmetric A (Dense symmetric, Diagonal, Factored), in the coordinates
   y = C^1/2 x where the drift C^-1/2 A C^-1/2 is symmetric. In the eigenbasis every
   mode is an independent scalar OU process, so exact propagation costs O(N) per readout sample.
-  For Factored A = J^T H J + lambda I the basis is the row space of J (r <= m modes, from a thin
-  SVD, O(N m^2)) plus the orthogonal complement, where A acts as lambda I: N x N is never formed.
+  For Factored A = J^T H J + lambda I the basis is the row space of J (r <= m modes, O(N m^2),
+  ``factored.factored_eigenbasis``) plus the orthogonal complement, where A acts as lambda I: N x N
+  is never formed.
 * ``GeneralSystem``: dz = -(F z - c) dt + G dW with D = G G^T, any positive-stable F (a
   non-symmetric Dense A, or the underdamped 2N-dimensional system). Propagated with e^{-F h} and
   the Van Loan transition covariance; no normality assumption.
@@ -39,6 +40,8 @@ import numpy as np
 
 from protocol.drift import Dense, Diagonal, Drift, Factored, drift_form
 from protocol.errors import CapacityError, InvalidInputError, NotStableError, ShapeError, UnsupportedError
+
+from .factored import factored_eigenbasis
 
 # Relative tolerance below which a dense matrix counts as symmetric (host round-off is ~1e-16).
 SYMMETRY_RTOL = 1e-10
@@ -287,20 +290,16 @@ def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
     lam_d = float(drift.damping)
     m, n = j.shape
     h = _check_h(np.asarray(drift.H, dtype=np.float64))
-    # Thin SVD of J: O(N m^2), the row space of J is where A differs from lambda I.
-    us, s, vt = np.linalg.svd(j, full_matrices=False)
-    tol = max(m, n) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
-    keep = s > tol
-    us, s, vt = us[:, keep], s[keep], vt[keep]
-    r = s.shape[0]
-    k = (s[:, None] * (us.T @ h @ us)) * s[None, :]
-    mu, w = np.linalg.eigh(0.5 * (k + k.T))
+    # The row space of J is where A differs from lambda I: its eigenbasis in O(N m^2) (Gram + eigh
+    # when J is well conditioned, Householder QR otherwise; factored.py).
+    u, mu, _ = factored_eigenbasis(j, h)
+    r = mu.shape[0]
     rates = np.maximum(mu, 0.0) + lam_d  # mu < 0 only by round-off once H is PSD
     complement = r < n
     if (rates.size and rates.min() <= 0.0) or (complement and lam_d <= 0.0):
         raise NotStableError("Factored drift is singular: J^T H J has a null space and damping is 0 "
                              "(set damping > 0)")
-    u = np.ascontiguousarray(vt.T @ w)  # (N, r)
+    u = np.ascontiguousarray(u)  # (N, r)
     y_target = (u.T @ b) / rates
     if complement:
         z_target = (b - u @ (u.T @ b)) / lam_d

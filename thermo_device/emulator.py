@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from protocol.device import RunResult
+from protocol.capabilities import PRECISION_COND, Capabilities, converter_precision
+from protocol.device import DeviceSnapshot, RunResult
 from protocol.drift import (
     DRIFT_FORMS,
     Dense,
     Diagonal,
     Drift,
     Factored,
-    as_finite_scalar,
     as_float_array,
     drift_form,
 )
@@ -45,6 +45,7 @@ from protocol.errors import (
 )
 
 from . import __version__
+from .backend import Backend, check_run_args
 from .calibration import Calibration, calibrate
 from .converters import AdcChain, lsb
 from .dynamics import ModalSystem, SteppingOnlySystem, check_dimension, stable_step
@@ -54,6 +55,7 @@ from .noise import flicker_poles, thermal_kappa
 from .profile import Profile, load_profile
 from .programming import Realized, realize
 from .readout import ReadoutGrid, plan_grid
+from .snapshot import ProgramSource, pack_snapshot, unpack_snapshot
 from .stepping import OVERDAMPED_SCHEMES, UNDERDAMPED_SCHEMES, OverdampedStepper, UnderdampedStepper
 from .temperature import Conditions, Thermostat
 
@@ -73,10 +75,13 @@ class _Programmed:
     propagator: Any  # ModalPropagator | GeneralPropagator | OverdampedStepper | UnderdampedStepper
     state_dim: int
     method: str
+    # What rebuilds this program bit for bit (``snapshot``): the inputs, the calibration used, and
+    # the noise generator's and thermostat's state just before realisation drew from them.
+    source: ProgramSource | None = None
 
 
-class Emulator:
-    """An emulated SPU built from a profile.
+class Emulator(Backend):
+    """An emulated SPU built from a profile (a ``Backend``, hence a ``protocol.Device``).
 
     Args:
         profile: a Profile, or a built-in name / TOML path for ``load_profile``.
@@ -150,7 +155,25 @@ class Emulator:
             "calibrated_sizes": sorted(self._calibrations),
             "seed": self.seed,
             "versions": {"thermo_ngd": __version__, "numpy": np.__version__, "numba": numba.__version__},
+            "capabilities": self.capabilities().to_dict(),
         }
+
+    def capabilities(self) -> Capabilities:
+        p = self.profile
+        return Capabilities(
+            backend="emulator", cells=p.device.cells, dynamics=p.device.dynamics,
+            drift_forms=DRIFT_FORMS_BY_DYNAMICS[p.device.dynamics], tau_s=p.device.tau_s,
+            max_duration=p.device.max_duration, sample_interval=p.adc.sample_interval,
+            dac_bits=p.dac.bits, adc_bits=p.adc.bits, coupling_bits=p.coupling.bits,
+            precision=_declared_precision(p), supports_calibration=p.device.dynamics == "overdamped",
+            deterministic=True)
+
+    def status(self) -> dict[str, Any]:
+        cur = self._current
+        return {"programmed": cur is not None, "dim": cur.realized.drift.dim if cur is not None else 0,
+                "method": cur.method if cur is not None else None,
+                "temperature_K": self._thermostat.temperature_K,
+                "calibrated_sizes": sorted(self._calibrations)}
 
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
         """Load a drift and bias. Invalid input raises a typed error and changes nothing."""
@@ -161,18 +184,9 @@ class Emulator:
         """See ``protocol.Device.run``. Raises NotProgrammedError before the first program."""
         if self._current is None:
             raise NotProgrammedError("run before program: program a drift first")
-        duration = as_finite_scalar(duration, "duration", minimum=0.0)
-        burn_in = as_finite_scalar(burn_in, "burn_in", minimum=0.0)
-        delay = as_finite_scalar(delay, "delay", minimum=0.0)
-        if burn_in > duration:
-            raise InvalidInputError(f"burn_in ({burn_in}) must not exceed duration ({duration})")
-        max_d = self.profile.device.max_duration
-        if duration + delay > max_d:
-            raise InvalidInputError(f"delay + duration = {duration + delay} tau exceeds the device's "
-                                    f"max_duration {max_d}")
-        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
-            raise InvalidInputError(f"samples must be an integer, got {samples!r}")
-        grid = plan_grid(duration - burn_in, self.profile.adc.sample_interval, int(samples))
+        duration, burn_in, delay, samples = check_run_args(duration, burn_in, delay, samples,
+                                                           self.profile.device.max_duration)
+        grid = plan_grid(duration - burn_in, self.profile.adc.sample_interval, samples)
 
         t0 = time.perf_counter()
         temp_start = self._thermostat.temperature_K
@@ -239,6 +253,8 @@ class Emulator:
             if self._current is None:
                 raise InvalidInputError("calibrate: give n, or program a drift first")
             n = self._current.realized.drift.dim
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):  # int(nan) would raise ValueError
+            raise InvalidInputError(f"calibrate: n must be an integer, got {n!r}")
         saved = (self._current, self._previous, self._state, self._thermostat.state())
         try:
             cal = calibrate(self, int(n), duration=duration, burn_in=burn_in, probe=probe)
@@ -249,6 +265,49 @@ class Emulator:
 
     def clear_calibration(self) -> None:
         self._calibrations.clear()
+
+    def snapshot(self) -> DeviceSnapshot:
+        """Everything that determines this device's future numbers, as plain data and arrays.
+
+        ``restore`` on an emulator of the same profile continues bit for bit: analog state, noise
+        generator, thermostat, 1/f state, calibrations and the current and previous programs
+        (rebuilt from their inputs with the generator state they were realised with).
+        """
+        progs = [None if q is None else q.source for q in (self._previous, self._current)]
+        return pack_snapshot(self.profile, self.seed, self._rng.bit_generator.state, self._thermostat.state(),
+                             self._state, self._flicker_state, progs, self._calibrations)
+
+    def restore(self, snapshot: DeviceSnapshot) -> None:
+        """Continue from ``snapshot`` (see ``snapshot``). Invalid input raises and changes nothing."""
+        snap = unpack_snapshot(snapshot, self.profile)
+        saved = (self.seed, self._rng.bit_generator.state, self._thermostat.state(), self._state,
+                 self._flicker_state, self._current, self._previous, dict(self._calibrations))
+        try:
+            self._current = self._previous = None
+            self._calibrations = dict(snap.calibrations)
+            self._flicker_state = snap.flicker.copy()  # one array, shared by the programs' steppers
+            for src in snap.programs:
+                if src is None:
+                    continue
+                self._rng.bit_generator.state = src.rng_state
+                self._thermostat.restore(src.thermostat)
+                self._install(self._analyse(src.drift, src.bias, src.calibration, src.unit_scale))
+            if snap.state is not None and self._current is not None \
+                    and snap.state.shape != (self._current.state_dim,):
+                raise ShapeError(f"snapshot: state of shape {snap.state.shape} does not fit the program "
+                                 f"(state dimension {self._current.state_dim})")
+            self.seed = snap.seed
+            self._rng.bit_generator.state = snap.rng_state
+            self._thermostat.restore(snap.thermostat)
+            self._state = None if snap.state is None else snap.state.copy()
+            if self._flicker_state.shape == snap.flicker.shape:
+                self._flicker_state[...] = snap.flicker  # in place: the stepper holds this array
+        except BaseException:
+            (self.seed, rng_state, thermo, self._state, self._flicker_state, self._current, self._previous,
+             self._calibrations) = saved
+            self._rng.bit_generator.state = rng_state
+            self._thermostat.restore(thermo)
+            raise
 
     def close(self) -> None:
         """Nothing to release in-process; kept for the Device interface."""
@@ -275,6 +334,8 @@ class Emulator:
             raise UnsupportedError(f"{dynamics} device does not accept {form} drift "
                                    f"(accepted: {', '.join(DRIFT_FORMS_BY_DYNAMICS[dynamics])})")
         b = check_dimension(drift, bias, p.device.cells)
+        source = ProgramSource(drift, b, cal, unit_scale, self._rng.bit_generator.state,
+                               self._thermostat.state())
         real = realize(p, self._chip, drift, b, self._rng, cal, unit_scale=unit_scale)
         system = real.system
         method = p.integrator.method
@@ -302,7 +363,7 @@ class Emulator:
             dt = min(p.integrator.dt, STABILITY_MARGIN * stable_step(system, method, u.inductance))
             prop = UnderdampedStepper(real.drift, dt, method, u.inductance, u.resistance)
         state_dim = n if dynamics == "overdamped" else 2 * n
-        return _Programmed(real, prop, state_dim, method)
+        return _Programmed(real, prop, state_dim, method, source)
 
     def _chunks(self, total: float) -> list[float]:
         """Split device time into pieces of constant temperature."""
@@ -394,6 +455,18 @@ class Emulator:
             q_var = (lsb(p.adc.bits, p.adc.full_scale) ** 2 / 12.0 if p.adc.bits else 0.0) + p.adc.read_noise_std**2
             diag["adc_effective_bits"] = math.log2(2.0 * p.adc.full_scale / math.sqrt(12.0 * q_var))
         return diag
+
+
+def _declared_precision(p: Profile) -> float:
+    """``Capabilities.precision`` of a profile: converters, plus uncalibrated static errors at 3 sigma
+    carried through A^-1 (condition PRECISION_COND), relative to the range-mapped solution."""
+    headroom = p.range.headroom if p.range.auto else 0.5
+    conv = converter_precision(cells=p.device.cells, dac_bits=p.dac.bits, adc_bits=p.adc.bits,
+                               coupling_bits=p.coupling.bits, headroom=headroom)
+    m = p.mismatch
+    static = 3.0 * PRECISION_COND * (2.0 * math.sqrt(p.device.cells) * m.coupling_rel_std + m.gain_rel_std
+                                     + m.offset_V_std / p.noise.full_scale_V / headroom)
+    return conv + static
 
 
 def _check_profile(profile: Profile) -> None:

@@ -38,6 +38,7 @@ class Session:
     last_seq: int = 0
     last_reply: list[Any] | None = None
     pending: Job | None = None  # the one request of this session queued or running
+    owner: str = ""  # the CURVE public key (Z85) that opened it; "" without authentication
     closed: bool = False
     ops: int = 0
     last_used: float = field(default_factory=time.monotonic)
