@@ -14,7 +14,6 @@ Measured in one run, on the same inputs:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from harness import write_json
 
 from protocol.drift import Dense, Factored
 from thermo_device import Emulator, load_profile
@@ -156,10 +156,7 @@ def main() -> int:
                                                      1000.0, 10_000),
         "factored_vs_dense": bench_factored_vs_dense(400 if args.quick else 2000, 64, 100.0),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

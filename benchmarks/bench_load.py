@@ -21,8 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
-import select
 import socket
 import subprocess
 import sys
@@ -34,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from harness import rss_mb, start_server, write_json  # noqa: E402
 
 N, M, ANALOG_T = 256, 32, 5.0
 
@@ -97,24 +97,10 @@ def bad_peers(endpoint: str, stop: Any) -> None:
     raw.close()
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def start_daemon() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal",
-                             "--bind", "tcp://127.0.0.1:*", "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    line = proc.stdout.readline().decode() if ready else ""
-    m = re.match(r"serving (\S+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"daemon did not start: {line!r}")
-    return proc, m.group(1)
+def start_daemon(queue_size: int | None) -> tuple[subprocess.Popen, str]:
+    extra = [] if queue_size is None else ["--queue-size", str(queue_size)]
+    return start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal",
+                         "--bind", "tcp://127.0.0.1:*", "--log-level", "WARNING", *extra])
 
 
 def scenario(endpoint: str, pid: int, hosts: int, steps: int, deadline_s: float, bad: bool) -> dict[str, Any]:
@@ -162,10 +148,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     ap.add_argument("--steps", type=int, default=200, help="TNGD steps per host")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds a scenario may take")
+    ap.add_argument("--queue-size", type=int, default=None,
+                    help="the daemon's --queue-size (default: its own; 8 reproduces the earlier busy storm)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
     args = ap.parse_args()
     steps = 20 if args.quick else args.steps
-    proc, endpoint = start_daemon()
+    proc, endpoint = start_daemon(args.queue_size)
     try:
         runs = [scenario(endpoint, proc.pid, h, steps, args.deadline, False) for h in (1, 4, 16)]
         runs.append(scenario(endpoint, proc.pid, 4, steps, args.deadline, True))
@@ -182,14 +170,13 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_at_end": list(os.getloadavg())},
         "problem": {"N": N, "m": M, "analog_time_tau": ANALOG_T, "profile": "ideal"},
+        "daemon_queue_size": args.queue_size,
         "scenarios": runs,
         "bad_peers_slowdown": round(four["aggregate_steps_per_s"] / four_bad["aggregate_steps_per_s"], 3),
         "daemon_alive_at_end": alive,
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("scenarios", "bad_peers_slowdown", "daemon_alive_at_end")}, indent=1))
 
 

@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import write_json
 
 from protocol.drift import Dense
 from thermo_device import Emulator, load_profile
@@ -112,10 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     result = {"benchmark": "nonideal", "command": "python3 benchmarks/bench_nonideal.py",
               "costs": bench_costs(), "accuracy": accuracy_table()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

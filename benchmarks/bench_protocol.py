@@ -16,7 +16,10 @@ What is measured (all over tcp loopback, daemons in separate processes started w
    views it with np.frombuffer and answers a short frame. Interleaved; median throughput.
    The daemon reports ``compute_us`` (drift validation incl. the NaN/Inf scan of J, plus the
    backend's no-op program); "wire" throughput subtracts it.
-3. Daemon RSS over 1,000 large programs (null daemon) and 1,000 small programs (Emulator
+3. In process, without sockets (``in_process``): the client's encode and decode and the daemon's
+   decode-check-dispatch-encode path of that small step in a hot loop, and the NaN/Inf scan of the
+   25.6 MB J (NumPy's isfinite vs ``protocol.drift.all_finite``).
+4. Daemon RSS over 1,000 large programs (null daemon) and 1,000 small programs (Emulator
    daemon, Dense 64).
 
 Run: python3 benchmarks/bench_protocol.py [--quick]
@@ -28,9 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +41,8 @@ import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from harness import rss_mb, start_server, stats_us, write_json  # noqa: E402
 
 from host.client import DeviceClient  # noqa: E402
 from protocol import Diagonal, Factored, RunResult  # noqa: E402
@@ -118,30 +120,6 @@ def serve_raw(bind: str) -> None:
         if len(frames) > 2 and len(frames[2]) > 65536:  # bulk: view the array as the daemon would
             np.frombuffer(frames[2].buffer, dtype=np.float32)
         sock.send_multipart([frames[0], *reply])
-
-
-def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    line = proc.stdout.readline().decode() if ready else ""
-    m = re.match(r"serving (\S+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, m.group(1)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def stats_us(samples_ns: list[int]) -> dict[str, float]:
-    a = np.asarray(samples_ns) / 1e3
-    return {"median_us": round(float(np.median(a)), 1), "p99_us": round(float(np.percentile(a, 99)), 1),
-            "n": int(a.size)}
 
 
 # -- measurements ----------------------------------------------------------------------------------------
@@ -275,6 +253,56 @@ def rss_over_programs(client: DeviceClient, pid: int, drift: Drift, n: int) -> d
             "flat": bool(growth <= max(1.2 * payload_mb, 8.0))}
 
 
+def in_process(repeats: int) -> dict[str, Any]:
+    """The protocol's Python work without sockets, in a hot loop (best of 5 batches, us per call):
+    what a round trip pays on top of raw pyzmq, before the 2.5-3x a ping-pong adds for cold caches.
+    Plus the NaN/Inf scan of a 25.6 MB J: NumPy's isfinite against ``protocol.drift.all_finite``."""
+    import timeit
+
+    from host.client import _REPLY_LIMITS, _drift_args, _run_args
+    from protocol.codec import check_request, decode, drift_from_wire, result_from_wire
+    from protocol.drift import all_finite
+    from protocol.messages import Limits
+    from thermo_device.daemon import _bias, _run_kwargs
+
+    drift, bias, dev, limits = Diagonal(np.linspace(1.0, 2.0, N_SMALL)), np.ones(N_SMALL), NullDevice(), Limits()
+
+    def client_encode() -> list[Any]:
+        spec, arrays = _drift_args(drift, bias)
+        args = _run_args(0.1, 0.0, 0.0, False, 0, False)
+        args["drift"] = spec
+        return encode(request_header("step", 1, "s" * 32, 5, args), arrays)
+
+    request = [zmq.Frame(f if isinstance(f, bytes) else f.tobytes()) for f in client_encode()]
+
+    def daemon_path() -> list[Any]:
+        msg = decode(request, limits)
+        check_request(msg.header)
+        args = msg.header["args"]
+        d = drift_from_wire(args["drift"], msg.arrays)
+        res, arrays = result_to_wire(dev.step(d, _bias(msg.arrays), **_run_kwargs(args)))
+        return encode(reply_header(msg.header, "0" * 32, result=res, timing={"queue_us": 1.0, "compute_us": 2.0}),
+                      arrays)
+
+    reply = [zmq.Frame(f if isinstance(f, bytes) else f.tobytes()) for f in daemon_path()]
+
+    def client_decode() -> RunResult:
+        msg = decode(reply, _REPLY_LIMITS)
+        return result_from_wire(msg.header["result"], msg.arrays)
+
+    def best_us(fn: Any, n: int) -> float:
+        return round(min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6, 2)
+
+    j = np.random.default_rng(0).standard_normal(J_SHAPE, dtype=np.float32)
+    return {
+        "client_encode_us": best_us(client_encode, repeats), "daemon_decode_us": best_us(lambda: decode(request, limits),
+                                                                                           repeats),
+        "daemon_path_us": best_us(daemon_path, repeats), "client_decode_us": best_us(client_decode, repeats),
+        "finite_scan_25MB_ms": {"numpy_isfinite": round(best_us(lambda: np.isfinite(j).all(), 5) / 1e3, 2),
+                                "all_finite": round(best_us(lambda: all_finite(j), 5) / 1e3, 2)},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test)")
@@ -291,15 +319,16 @@ def main() -> None:
     bind = "tcp://127.0.0.1:*"
     procs = []
     try:
-        raw_p, raw_ep = start([*me, "--serve-raw", bind])
-        null_p, null_ep = start([*me, "--serve-null", bind])
-        emu_p, emu_ep = start([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal", "--bind", bind,
+        raw_p, raw_ep = start_server([*me, "--serve-raw", bind])
+        null_p, null_ep = start_server([*me, "--serve-null", bind])
+        emu_p, emu_ep = start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal", "--bind", bind,
                                "--set", "device.cells=131072", "--log-level", "WARNING"])
         procs = [raw_p, null_p, emu_p]
         null = DeviceClient(null_ep, seed=0, timeout=60)
         emu = DeviceClient(emu_ep, seed=0, timeout=600)
         rounds, per_round, reps, n_rss = (3, 200, 5, 100) if args.quick else (10, 500, 30, 1000)
 
+        hot = in_process(2000 if args.quick else 20000)
         small = small_step(null, emu, raw_ep, rounds, per_round)
         small["emulator_daemon_compute_median_us"] = emulator_step_compute_us(emu_ep)
         large = large_program(null, raw_ep, reps)
@@ -329,6 +358,7 @@ def main() -> None:
                     "loadavg_at_end": list(os.getloadavg())},
         "small_step": small,
         "large_program": large,
+        "in_process": hot,
         "emulator_large_program_end_to_end_s": round(emu_big_program_s, 3),
         "daemon_rss_large_programs_null_backend": rss_big,
         "daemon_rss_small_programs_emulator": rss_small,
@@ -344,9 +374,7 @@ def main() -> None:
         },
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("small_step", "large_program", "met")}, indent=2))
 
 

@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
-import select
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,8 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness import start_server, stats_us, write_json  # noqa: E402
+
 from host.client import DeviceClient  # noqa: E402
 from protocol import Diagonal  # noqa: E402
 
@@ -44,24 +44,9 @@ N_LARGE = 3_200_000  # 25.6 MB of float64
 
 
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    err = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "thermo_device.cli", "serve", "--bind", "tcp://127.0.0.1:*",
-                             "--log-level", "WARNING", "--set", f"device.cells={N_LARGE}", *args],
-                            stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
-    err.close()
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    line = proc.stdout.readline().decode() if ready else ""
-    m = re.match(r"serving (\S+) instance", line)
-    if not m:
-        proc.kill()
-        raise SystemExit(f"daemon did not start: {line!r} (see {log})")
-    return proc, m.group(1)
-
-
-def stats_us(ns: list[int]) -> dict[str, float]:
-    a = np.asarray(ns, dtype=float) / 1e3
-    return {"median_us": round(float(np.median(a)), 1), "p99_us": round(float(np.percentile(a, 99)), 1),
-            "n": int(a.size)}
+    with open(log, "ab") as err:
+        return start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--bind", "tcp://127.0.0.1:*",
+                             "--log-level", "WARNING", "--set", f"device.cells={N_LARGE}", *args], stderr=err)
 
 
 def interleaved(fns: dict[str, Any], rounds: int, per_round: int) -> dict[str, list[int]]:
@@ -163,8 +148,7 @@ def main() -> None:
                  "small_step_met": ratio(small, "median_us") <= 1.15, "ping_met": ratio(ping, "median_us") <= 1.15},
     }
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -90,6 +90,9 @@ def test_bad_snapshots_raise_typed_errors_and_change_nothing():
     for snap in bad:
         with pytest.raises(DeviceError):
             c.restore(snap)  # type: ignore[arg-type]
-    # nothing changed: c continues exactly like a, which never saw the bad snapshots
+    # nothing changed: the same complete state as before the bad snapshots, and c continues
+    # exactly like a, which never saw them
+    after = c.snapshot()
+    assert after.meta == before.meta
+    assert all(np.array_equal(after.arrays[k], v) for k, v in before.arrays.items())
     assert np.array_equal(c.run(2.0, samples=2).samples, a.run(2.0, samples=2).samples)
-    assert before.meta["rng"] == good.meta["rng"]

@@ -36,6 +36,19 @@ def _dev(kappa: float = 0.0):
     return host.connect("embedded:ideal", seed=0, overrides={**EXACT, "noise.kappa": kappa})
 
 
+def _checkpoint_midway(opt: TNGDOptimizer, model: torch.nn.Module, batches: list) -> tuple[io.BytesIO, np.ndarray]:
+    """Train on the first half of ``batches``, checkpoint, train on the rest: (checkpoint, final weights)."""
+    half = len(batches) // 2
+    for x, y in batches[:half]:
+        opt.step(model, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for x, y in batches[half:]:
+        opt.step(model, x, y)
+    buf.seek(0)
+    return buf, _vec(model)
+
+
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_state_dict_round_trip_continues_bit_for_bit(inner: str) -> None:
     # Short t keeps the device far from equilibrium, so the warm-start state matters: dropping it
@@ -45,16 +58,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(inner: str) -> None:
         kw["momentum"] = 0.5
     batches = _batches(6)
     model = _model()
-    opt = TNGDOptimizer(model.parameters(), _dev(), **kw)
-    for x, y in batches[:3]:
-        opt.step(model, x, y)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    for x, y in batches[3:]:
-        opt.step(model, x, y)
-    expected = _vec(model)
-
-    buf.seek(0)
+    buf, expected = _checkpoint_midway(TNGDOptimizer(model.parameters(), _dev(), **kw), model, batches)
     ckpt = torch.load(buf, weights_only=True)  # a checkpoint loads without pickled code
     model2 = _model()
     model2.load_state_dict(ckpt["model"])
@@ -73,14 +77,7 @@ def test_a_checkpoint_with_the_device_snapshot_resumes_bit_for_bit_with_noise() 
     kw = {"lr": 0.05, "analog_time": 2.0, "damping": 0.1}
     batches = _batches(6)
     model = _model()
-    opt = TNGDOptimizer(model.parameters(), _dev(0.01), **kw)
-    for x, y in batches[:3]:
-        opt.step(model, x, y)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    for x, y in batches[3:]:
-        opt.step(model, x, y)
-    expected = _vec(model)
+    buf, expected = _checkpoint_midway(TNGDOptimizer(model.parameters(), _dev(0.01), **kw), model, batches)
     for with_snapshot in (True, False):
         buf.seek(0)
         ckpt = torch.load(buf, weights_only=True)
