@@ -9,13 +9,20 @@ What is measured (all over tcp loopback, daemons in separate processes started w
       dispatch, reply encode + client decode;
    b. a daemon serving the Emulator (``ideal`` profile): what a host really sees;
    c. raw pyzmq: a DEALER sending the very same request frames to a ROUTER that answers with a
-      reply of the very same bytes (no parsing).
-   The three are interleaved in rounds so machine load hits them alike; median and p99.
+      reply of the very same bytes (no parsing);
+   d. the *floor* of the specified framing: both ends do only what any implementation of it must
+      (the client packs the same msgpack request header, the server unpacks it, views the array
+      frames with np.frombuffer, packs the same reply header; the client unpacks it and views the
+      reply arrays), with no checks, sessions or dispatch; the same with a compact header
+      (positional msgpack arrays, default arguments left out) shows what a leaner header buys.
+   All are interleaved in rounds so machine load hits them alike; median and p99.
 2. Large ``program`` (Factored, J 64 x 100,000 float32 + H 64 x 64, 25.6 MB) through the client
    against the null daemon, vs raw pyzmq sending the same J buffer zero-copy to a ROUTER that
    views it with np.frombuffer and answers a short frame. Interleaved; median throughput.
    The daemon reports ``compute_us`` (drift validation incl. the NaN/Inf scan of J, plus the
-   backend's no-op program); "wire" throughput subtracts it.
+   backend's no-op program); "wire" throughput subtracts it. The *floor* with validation: the raw
+   ROUTER also scans the received J for NaN/Inf (``protocol.drift.all_finite``) before answering,
+   the one check the daemon cannot skip.
 3. In process, without sockets (``in_process``): the client's encode and decode and the daemon's
    decode-check-dispatch-encode path of that small step in a hot loop, and the NaN/Inf scan of the
    25.6 MB J (NumPy's isfinite vs ``protocol.drift.all_finite``).
@@ -36,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -51,6 +59,7 @@ from protocol.drift import Dense, Drift  # noqa: E402
 
 N_SMALL = 64
 J_SHAPE = (64, 100_000)
+RECV_TIMEOUT_MS = 60_000
 
 
 # -- servers (run in subprocesses) ---------------------------------------------------------------------
@@ -104,8 +113,11 @@ def serve_null(bind: str) -> None:
     daemon.serve()
 
 
-def serve_raw(bind: str) -> None:
-    """ROUTER that answers every message with the frames last given to it by a b"SET" message."""
+def serve_raw(bind: str, scan: bool = False) -> None:
+    """ROUTER that answers every message with the frames last given to it by a b"SET" message
+    (``scan``: after checking a bulk frame for NaN/Inf as the daemon must)."""
+    from protocol.drift import all_finite
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(bind)
@@ -118,14 +130,81 @@ def serve_raw(bind: str) -> None:
             sock.send_multipart([frames[0], b"ok"])
             continue
         if len(frames) > 2 and len(frames[2]) > 65536:  # bulk: view the array as the daemon would
-            np.frombuffer(frames[2].buffer, dtype=np.float32)
+            j = np.frombuffer(frames[2].buffer, dtype=np.float32)
+            if scan and not all_finite(j):
+                sock.send_multipart([frames[0], b"nan"])
+                continue
         sock.send_multipart([frames[0], *reply])
+
+
+def serve_floor(bind: str) -> None:
+    """The least a server of the specified framing does: unpack the msgpack header, view the array
+    frames, pack a reply header (given by b"SET" for each peer, its id echoed), send it with the
+    reply arrays."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(bind)
+    print(f"serving {sock.getsockopt_string(zmq.LAST_ENDPOINT)} instance floor", flush=True)
+    replies: dict[bytes, tuple[Any, list[np.ndarray]]] = {}
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if frames[1].bytes == b"SET":
+            replies[frames[0].bytes] = (msgpack.unpackb(frames[2].bytes), [np.frombuffer(f.bytes) for f in frames[3:]])
+            sock.send_multipart([frames[0], b"ok"])
+            continue
+        head, arrays = replies[frames[0].bytes]
+        h = msgpack.unpackb(frames[1].buffer)
+        compact = type(h) is list
+        descs = h[-1] if compact else h["arrays"]
+        for d, f in zip(descs, frames[2:], strict=True):
+            np.frombuffer(f.buffer, dtype=d[1] if compact else d["dtype"])
+        if compact:
+            head[1] = h[2]
+        else:
+            head["id"] = h["id"]
+        sock.send_multipart([frames[0], msgpack.packb(head), *arrays])
 
 
 # -- measurements ----------------------------------------------------------------------------------------
 
 
-def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, rounds: int, per_round: int) -> dict[str, Any]:
+def _floor_clients(floor_ep: str, req_head: dict[str, Any], rep_head: dict[str, Any], req_arrays: list[np.ndarray],
+                   rep_arrays: list[np.ndarray]) -> dict[str, Any]:
+    """Round trips doing only what the framing forces (see the module docstring, 1d): with our
+    header, and with a compact one (positional lists, defaults left out)."""
+    ctx = zmq.Context.instance()
+    compact_req = [1, "step", 0, req_head["session"], 0, {"duration": 0.1, "drift": "diagonal"},
+                   [[d["name"], d["dtype"], d["shape"]] for d in req_head["arrays"]]]
+    compact_rep = [1, 0, rep_head["seq"], rep_head["instance"], "ok", rep_head["result"],
+                   [[d["name"], d["dtype"], d["shape"]] for d in rep_head["arrays"]]]
+    fns = {}
+    for name, req, rep in (("floor_same_header", dict(req_head), rep_head),
+                           ("floor_compact_header", compact_req, compact_rep)):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
+        sock.connect(floor_ep)
+        sock.send_multipart([b"SET", msgpack.packb(rep), *rep_arrays])
+        sock.recv_multipart()
+        compact = type(req) is list
+
+        def rt(sock: zmq.Socket = sock, req: Any = req, compact: bool = compact) -> None:
+            if compact:
+                req[2] += 1
+            else:
+                req["id"] += 1
+            sock.send_multipart([msgpack.packb(req), *req_arrays])
+            frames = sock.recv_multipart(copy=False)
+            h = msgpack.unpackb(frames[0].buffer)
+            for d, f in zip(h[-1] if compact else h["arrays"], frames[1:], strict=True):
+                np.frombuffer(f.buffer, dtype=d[1] if compact else d["dtype"])
+
+        fns[name] = rt
+    return fns
+
+
+def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, floor_ep: str, rounds: int,
+               per_round: int) -> dict[str, Any]:
     drift = Diagonal(np.linspace(1.0, 2.0, N_SMALL))
     bias = np.ones(N_SMALL)
     kw = {"duration": 0.1}
@@ -143,6 +222,7 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, rounds: int, 
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
     raw.connect(raw_ep)
     raw.send_multipart([b"SET", *rep_b])
     raw.recv_multipart()
@@ -151,8 +231,12 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, rounds: int, 
         raw.send_multipart(req_b)
         raw.recv_multipart(copy=False)
 
+    req_head = msgpack.unpackb(req_b[0])
+    req_head["id"] = 0
     fns = {"raw_pyzmq": raw_rt, "protocol_null_backend": lambda: null.step(drift, bias, **kw),
-           "protocol_emulator": lambda: emu.step(drift, bias, **kw)}
+           "protocol_emulator": lambda: emu.step(drift, bias, **kw),
+           **_floor_clients(floor_ep, req_head, msgpack.unpackb(rep_b[0]), [drift.diag, bias],
+                            [np.frombuffer(f) for f in rep_b[1:]])}
     samples: dict[str, list[int]] = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(300):
@@ -169,7 +253,7 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, rounds: int, 
     out["request_bytes"] = sum(len(f) for f in req_b)
     out["reply_bytes"] = sum(len(f) for f in rep_b)
     base = out["raw_pyzmq"]
-    for k in ("protocol_null_backend", "protocol_emulator"):
+    for k in ("protocol_null_backend", "protocol_emulator", "floor_same_header", "floor_compact_header"):
         out[k]["median_ratio_vs_raw"] = round(out[k]["median_us"] / base["median_us"], 3)
         out[k]["p99_ratio_vs_raw"] = round(out[k]["p99_us"] / base["p99_us"], 3)
     return out
@@ -189,7 +273,7 @@ def emulator_step_compute_us(endpoint: str, n: int = 300) -> float:
     return round(float(np.median(vals)), 1)
 
 
-def large_program(null: DeviceClient, raw_ep: str, reps: int) -> dict[str, Any]:
+def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> dict[str, Any]:
     from protocol.messages import Op
 
     rng = np.random.default_rng(0)
@@ -199,34 +283,42 @@ def large_program(null: DeviceClient, raw_ep: str, reps: int) -> dict[str, Any]:
     spec, arrays = {"form": "factored", "damping": 0.1}, {"J": J, "H": H}
     nbytes = J.nbytes + H.nbytes
     ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(raw_ep)
-    raw.send_multipart([b"SET", b"ack"])
-    raw.recv_multipart()
     header = encode(request_header("program", 1, "x" * 32, 1, {"drift": spec}), {"J": J[:1, :1]})[0]
+    socks = []
+    for ep in (raw_ep, scan_ep):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
+        sock.connect(ep)
+        sock.send_multipart([b"SET", b"ack"])
+        sock.recv_multipart()
+        socks.append(sock)
 
-    def raw_send() -> None:
-        raw.send_multipart([header, J, H], copy=False)
-        raw.recv_multipart()
+    def send_raw(sock: zmq.Socket) -> None:
+        sock.send_multipart([header, J, H], copy=False)
+        if sock.recv_multipart() != [b"ack"]:
+            raise RuntimeError("the raw peer refused J")
 
-    t_raw: list[float] = []
-    t_proto: list[float] = []
-    compute: list[float] = []
+    times: dict[str, list[float]] = {"raw": [], "scan": [], "proto": [], "compute": []}
     for i in range(reps + 2):
         t = time.perf_counter()
-        raw_send()
+        send_raw(socks[0])
         dt_raw = time.perf_counter() - t
+        t = time.perf_counter()
+        send_raw(socks[1])
+        dt_scan = time.perf_counter() - t
         t = time.perf_counter()
         msg = null._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)
         dt_proto = time.perf_counter() - t
         if i >= 2:
-            t_raw.append(dt_raw)
-            t_proto.append(dt_proto)
-            compute.append(msg.header["timing"]["compute_us"] / 1e6)
-    raw.close(0)
+            times["raw"].append(dt_raw)
+            times["scan"].append(dt_scan)
+            times["proto"].append(dt_proto)
+            times["compute"].append(msg.header["timing"]["compute_us"] / 1e6)
+    for sock in socks:
+        sock.close(0)
     del drift
-    mr, mp, mc = (float(np.median(x)) for x in (t_raw, t_proto, compute))
+    mr, ms, mp, mc = (float(np.median(times[k])) for k in ("raw", "scan", "proto", "compute"))
     return {
         "payload_bytes": nbytes,
         "raw_pyzmq_zero_copy": {"median_ms": round(mr * 1e3, 2), "GB_per_s": round(nbytes / mr / 1e9, 3)},
@@ -236,6 +328,8 @@ def large_program(null: DeviceClient, raw_ep: str, reps: int) -> dict[str, Any]:
         "protocol_wire_only": {"median_ms": round((mp - mc) * 1e3, 2),
                                "GB_per_s": round(nbytes / (mp - mc) / 1e9, 3),
                                "ratio_vs_raw": round(mr / (mp - mc), 3)},
+        "floor_raw_plus_nan_scan": {"median_ms": round(ms * 1e3, 2), "GB_per_s": round(nbytes / ms / 1e9, 3),
+                                    "ratio_vs_raw": round(mr / ms, 3)},
         "reps": reps,
     }
 
@@ -309,29 +403,37 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "protocol.json"))
     ap.add_argument("--serve-null")
     ap.add_argument("--serve-raw")
+    ap.add_argument("--serve-raw-scan")
+    ap.add_argument("--serve-floor")
     args = ap.parse_args()
     if args.serve_null:
         return serve_null(args.serve_null)
     if args.serve_raw:
         return serve_raw(args.serve_raw)
+    if args.serve_raw_scan:
+        return serve_raw(args.serve_raw_scan, scan=True)
+    if args.serve_floor:
+        return serve_floor(args.serve_floor)
 
     me = [sys.executable, str(Path(__file__).resolve())]
     bind = "tcp://127.0.0.1:*"
     procs = []
     try:
         raw_p, raw_ep = start_server([*me, "--serve-raw", bind])
+        scan_p, scan_ep = start_server([*me, "--serve-raw-scan", bind])
+        floor_p, floor_ep = start_server([*me, "--serve-floor", bind])
         null_p, null_ep = start_server([*me, "--serve-null", bind])
         emu_p, emu_ep = start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal", "--bind", bind,
                                "--set", "device.cells=131072", "--log-level", "WARNING"])
-        procs = [raw_p, null_p, emu_p]
+        procs = [raw_p, scan_p, floor_p, null_p, emu_p]
         null = DeviceClient(null_ep, seed=0, timeout=60)
         emu = DeviceClient(emu_ep, seed=0, timeout=600)
         rounds, per_round, reps, n_rss = (3, 200, 5, 100) if args.quick else (10, 500, 30, 1000)
 
         hot = in_process(2000 if args.quick else 20000)
-        small = small_step(null, emu, raw_ep, rounds, per_round)
+        small = small_step(null, emu, raw_ep, floor_ep, rounds, per_round)
         small["emulator_daemon_compute_median_us"] = emulator_step_compute_us(emu_ep)
-        large = large_program(null, raw_ep, reps)
+        large = large_program(null, raw_ep, scan_ep, reps)
         rng = np.random.default_rng(1)
         big = Factored(rng.standard_normal(J_SHAPE, dtype=np.float32), np.eye(64, dtype=np.float32), 0.1)
         rss_big = rss_over_programs(null, null_p.pid, big, n_rss)
@@ -372,10 +474,21 @@ def main() -> None:
                 large["protocol_wire_only"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
             "rss_flat": rss_big["flat"] and rss_small["flat"],
         },
+        # Could any implementation of the specified framing meet the targets here? (module doc, 1d, 2)
+        "floor_meets": {
+            "small_step_median (framing only, same header)":
+                small["floor_same_header"]["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
+            "small_step_median (framing only, compact header)":
+                small["floor_compact_header"]["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
+            "small_step_p99 (framing only, same header)":
+                small["floor_same_header"]["p99_ratio_vs_raw"] <= targets["small_step_p99_ratio_max"],
+            "large_program_throughput (raw + NaN/Inf scan)":
+                large["floor_raw_plus_nan_scan"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
+        },
         "quick": args.quick,
     }
     write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("small_step", "large_program", "met")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("small_step", "large_program", "met", "floor_meets")}, indent=2))
 
 
 if __name__ == "__main__":
