@@ -55,6 +55,7 @@ from protocol.errors import (
     ErrorCode,
     InvalidInputError,
     ProtocolError,
+    TooLargeError,
     UnknownSessionError,
 )
 from protocol.messages import FEATURES, PROTOCOL_VERSION, STATUS_OK, Limits, Op
@@ -290,6 +291,7 @@ class DeviceClient:
             self._seq += 1
             seq = self._seq
         frames = encode(request_header(op.value, req_id, self._session if session else None, seq, args), arrays)
+        self._check_size(op, frames)
         attempts = self.retries + 1
         msg = None
         busy = 0
@@ -346,6 +348,17 @@ class DeviceClient:
         header.setdefault("result", {})
         return msg
 
+    def _check_size(self, op: Op, frames: list[Any]) -> None:
+        """Refuse here what the daemon would refuse: above its hard frame guard a message gets no
+        reply at all (libzmq drops the connection), so the caller would only see a timeout."""
+        limit = self.daemon.get("limits", {}).get("max_message_bytes")
+        if not isinstance(limit, int):
+            return  # before hello: nothing known yet (hello itself is small)
+        total = sum(f.nbytes if isinstance(f, np.ndarray) else len(f) for f in frames)
+        if total > limit:
+            raise TooLargeError(f"{op.value}: the request takes {total} bytes, over the daemon's "
+                                f"max_message_bytes = {limit} (thermo-device serve --max-message-bytes)")
+
     def _exchange(self, frames: list[Any], req_id: int, deadline: float) -> Message | None:
         sock = self._sock
         assert sock is not None
@@ -366,7 +379,12 @@ class DeviceClient:
             except zmq.Again:
                 return None
             msg = decode(reply, _REPLY_LIMITS)
-            if msg.header.get("id") == req_id:
+            reply_id = msg.header.get("id")
+            if reply_id == req_id:
+                return msg
+            if reply_id is None and msg.header.get("status") != STATUS_OK:
+                # the daemon could not read an id in the request: this socket has one request
+                # outstanding (a timeout replaces the socket), so the error is that request's
                 return msg
             log.debug("discarding a late reply (id %s, awaiting %s)", msg.header.get("id"), req_id)
 

@@ -13,6 +13,7 @@ index, dtype (allow-list), shape (rank and axis limits) and the exact byte lengt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -43,6 +44,8 @@ from .messages import (
 _DTYPES = {s: np.dtype(s) for s in WIRE_DTYPES}
 _NATIVE_WIRE = frozenset(_DTYPES.values())  # dtype equality includes the byte order
 _VERSION = list(PROTOCOL_VERSION)
+# Session ids reach logs and error messages: a plain alphabet keeps both unforgeable.
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class Message(NamedTuple):
@@ -140,9 +143,11 @@ def _spec(i: int, d: Any, view: memoryview, limits: Limits,
     dt = _DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
         raise ProtocolError(f"array {name}: dtype {dtype!r} is not allowed (allowed: {', '.join(WIRE_DTYPES)})")
-    if type(shape) is not list or len(shape) > limits.max_ndim:
+    if type(shape) is not list:
         raise ProtocolError(f"array {name}: shape must be a list of at most {limits.max_ndim} "
                             f"non-negative integers, got {shape!r}")
+    if len(shape) > limits.max_ndim:
+        raise TooLargeError(f"array {name}: {len(shape)} axes, over the limit max_ndim = {limits.max_ndim}")
     count = 1
     for s in shape:  # Python ints: no overflow
         if type(s) is not int or s < 0:
@@ -179,13 +184,14 @@ def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Mess
     if not frames:
         raise ProtocolError("empty message")
     views = [f.buffer if type(f) is zmq.Frame else memoryview(f) for f in frames]
-    total = 0
-    for v in views:
-        total += v.nbytes
-    if total > limits.max_message_bytes:
-        raise TooLargeError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
+    # The header first (its size is bounded on its own), so even a too_large reply echoes the id.
     header = _unpack_header(views[0], limits)
     try:
+        total = 0
+        for v in views:
+            total += v.nbytes
+        if total > limits.max_message_bytes:
+            raise TooLargeError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
         if check:
             check_version(header)
         descs = header.get("arrays", [])
@@ -213,6 +219,16 @@ def request_header(op: str, req_id: int, session: str | None = None, seq: int | 
             "seq": seq, "args": args or {}}
 
 
+def with_request_id(frames: list[Any], req_id: int) -> list[Any]:
+    """A cached reply (our own encoding) answering request ``req_id``: a client may retry a
+    request under a new id, and matches replies by id."""
+    head = msgpack.unpackb(frames[0], raw=False)
+    if head.get("id") == req_id:
+        return frames
+    head["id"] = req_id
+    return [msgpack.packb(head, use_bin_type=True), *frames[1:]]
+
+
 def check_request(header: Mapping[str, Any]) -> tuple[str, int, str | None, int | None, dict[str, Any]]:
     """(op, id, session, seq, args) of a request header, type-checked (ProtocolError otherwise)."""
     op, req_id, session, seq = header.get("op"), header.get("id"), header.get("session"), header.get("seq")
@@ -221,8 +237,9 @@ def check_request(header: Mapping[str, Any]) -> tuple[str, int, str | None, int 
         raise ProtocolError(f"op must be a non-empty string, got {op!r}")
     if isinstance(req_id, bool) or not isinstance(req_id, int) or req_id < 0:
         raise ProtocolError(f"id must be a non-negative integer, got {req_id!r}")
-    if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 64):
-        raise ProtocolError(f"session must be null or a string of 1 to 64 characters, got {session!r}")
+    if session is not None and (type(session) is not str or _SESSION_ID.fullmatch(session) is None):
+        raise ProtocolError("session must be null or 1 to 64 characters from A-Z a-z 0-9 - _ . :, "
+                            f"got {str(session)[:80]!r}")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
         raise ProtocolError(f"seq must be null or a non-negative integer, got {seq!r}")
     if not isinstance(args, dict):
@@ -351,5 +368,5 @@ def result_from_wire(result: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 __all__ = [
     "Message", "check_request", "check_version", "decode", "drift_from_wire", "drift_to_wire", "encode",
     "error_from_payload", "error_payload", "plain", "reply_header", "request_header",
-    "result_from_wire", "result_to_wire", "send", "wire_array", "STATUS_ERROR", "STATUS_OK",
+    "result_from_wire", "result_to_wire", "send", "wire_array", "with_request_id", "STATUS_ERROR", "STATUS_OK",
 ]

@@ -12,7 +12,7 @@ from enum import StrEnum
 PROTOCOL_NAME = "thermo-ngd"
 # (major, minor): a different major is refused; a different minor is accepted and unknown fields
 # are ignored, so compatible additions bump only the minor.
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 
 # Optional capabilities negotiated in ``hello`` (the daemon replies with the intersection).
 FEATURES: tuple[str, ...] = ("seq_replay", "restart_detect")

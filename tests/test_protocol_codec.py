@@ -154,7 +154,7 @@ def _frames(header_overrides=None, arrays=None, raw_arrays=None):
     (_frames({"arrays": [{"name": "a", "frame": 0, "dtype": "<f8", "shape": [-3]}]},
              raw_arrays=[np.ones(3).tobytes()]), ErrorCode.PROTOCOL),
     (_frames({"arrays": [{"name": "a", "frame": 0, "dtype": "<f8", "shape": [1, 1, 1, 3]}]},
-             raw_arrays=[np.ones(3).tobytes()]), ErrorCode.PROTOCOL),
+             raw_arrays=[np.ones(3).tobytes()]), ErrorCode.TOO_LARGE),  # rank over max_ndim
     (_frames({"arrays": "a"}), ErrorCode.PROTOCOL),
 ])
 def test_malformed_messages_raise_typed_errors(frames, code):

@@ -27,6 +27,7 @@ from protocol.errors import (
     DeviceTimeoutError,
     InvalidInputError,
     NonFiniteError,
+    TooLargeError,
     UnknownSessionError,
 )
 from protocol.messages import PROTOCOL_VERSION, Limits, Op
@@ -279,7 +280,7 @@ def _bad_requests(raw: Raw) -> list[tuple[str, list[Any], str]]:
                                     arrays={"diag": np.ones(2)}), "non_finite"),
         ("oversize message", raw.frames("set_state", seq=56, arrays={
             "a": np.zeros(MAX_MESSAGE // 16 + 1000), "b": np.zeros(MAX_MESSAGE // 16 + 1000)}), "too_large"),
-        ("too many axes", raw.frames("set_state", seq=57, arrays={"state": np.zeros((1, 1, 1, 2))}), "protocol"),
+        ("too many axes", raw.frames("set_state", seq=57, arrays={"state": np.zeros((1, 1, 1, 2))}), "too_large"),
         ("unknown session", raw.frames("run", seq=1, session="no-such-session", args={"duration": 1.0}),
          "unknown_session"),
         ("missing seq", raw.frames("run", args={"duration": 1.0}), "protocol"),
@@ -336,6 +337,28 @@ def test_a_frame_above_the_hard_guard_is_dropped_without_harm(daemon, client):
     assert daemon.alive() and client.ping() < 5.0
 
 
+def test_client_refuses_an_oversize_request_at_once_instead_of_timing_out(daemon, client):
+    # Above the daemon's hard frame guard a request would get no reply at all (test above): the
+    # client knows max_message_bytes from hello and raises before sending.
+    huge = Diagonal(np.ones(MAX_MESSAGE // 8 + 70_000))
+    t0 = time.monotonic()
+    with pytest.raises(TooLargeError, match="max_message_bytes"):
+        client.program(huge)
+    assert time.monotonic() - t0 < TIMEOUT / 4
+    client.program(Diagonal(np.ones(3)))  # the session goes on
+    assert client.run(0.2).mean.shape == (3,)
+
+
+def test_client_takes_an_id_less_error_as_its_request_s(client):
+    # A header over max_header_bytes cannot be read, so its error reply has id nil; the client,
+    # which has one request outstanding per socket, raises it rather than waiting out the deadline.
+    t0 = time.monotonic()
+    with pytest.raises(TooLargeError):
+        client.calibrate(note="x" * 70_000)
+    assert time.monotonic() - t0 < TIMEOUT / 4
+    assert client.ping() < 5.0
+
+
 # -- sequence numbers: retries are replayed, never run twice ---------------------------------------
 
 
@@ -354,6 +377,18 @@ def test_a_retried_request_gets_the_cached_reply(raw):
     assert raw.request("status").header["result"]["served"] == ops["served"] + 2  # replays are not re-run
     assert error_code(raw.request("run", seq=2, args={"duration": 1.0})) == "stale_request"
     assert ops["served"] >= 3
+
+
+def test_a_replay_answers_the_retry_s_id_and_only_the_same_operation(raw):
+    arrays = {"diag": np.ones(4)}
+    assert raw.request("program", seq=1, args={"drift": {"form": "diagonal"}}, arrays=arrays).header["status"] == "ok"
+    first = raw.request("run", seq=2, args={"duration": 1.0})
+    retry = raw.request("run", seq=2, args={"duration": 1.0})  # a retry under a new request id
+    assert retry.header["id"] == raw.req != first.header["id"]
+    assert np.array_equal(retry.arrays["state"], first.arrays["state"])
+    other = raw.request("set_state", seq=2, arrays={"state": np.zeros(4)})  # seq reused by another op
+    assert error_code(other) == "stale_request" and "already used by run" in other.header["error"]["message"]
+    assert np.array_equal(raw.request("get_state").arrays["state"], first.arrays["state"])  # it did not run
 
 
 # -- long runs: control operations do not wait, compute requests queue or get "busy" --------------

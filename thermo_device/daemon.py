@@ -40,6 +40,7 @@ from protocol.codec import (
     reply_header,
     result_to_wire,
     send,
+    with_request_id,
 )
 from protocol.device import Device, DeviceSnapshot
 from protocol.drift import as_finite_scalar, as_float_array
@@ -66,7 +67,7 @@ log = logging.getLogger("thermo_device.daemon")
 BackendFactory = Callable[[int], Device]
 MUTATING = frozenset({Op.OPEN_SESSION, Op.CLOSE_SESSION, Op.PROGRAM, Op.RUN, Op.STEP, Op.SET_STATE,
                       Op.CALIBRATE, Op.RESTORE})
-MAX_SAMPLES = 1 << 20
+MAX_SAMPLES = 1_000_000  # readouts a run may return (the emulator's own cap too)
 REAP_INTERVAL_S = 0.5
 
 
@@ -261,7 +262,7 @@ class Daemon:
             session = self.sessions.get(session_id)
             if session is None or session.owner != self._peer_key(body):
                 # another key's session looks exactly like no session: ids reveal nothing
-                raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
+                raise UnknownSessionError(f"no open session {_short(session_id)} on daemon {self.instance}")
             session.last_used = time.monotonic()
             if op is Op.INFO:
                 # fresh when the backend is idle (temperature, calibrations change); while a job
@@ -272,17 +273,25 @@ class Daemon:
                 return None
             if op in MUTATING:
                 assert seq is not None
-                if session.pending is not None and session.pending.seq == seq:
-                    session.pending.identity = identity  # a retry from a new socket: reply there
+                pending = session.pending
+                if pending is not None and pending.seq == seq and pending.op == op.value:
+                    # a retry of the running request, perhaps from a new socket or under a new
+                    # id: the one reply goes there, under that id
+                    pending.identity = identity
+                    pending.header = {**pending.header, "id": header["id"]}
                     return None
                 if seq == session.last_seq and session.last_reply is not None:
-                    self._send(identity, session.last_reply)  # a retry: replay, never run twice
+                    if op.value != session.last_op:
+                        raise StaleRequestError(f"seq {seq} was already used by {session.last_op} "
+                                                f"in session {_short(session_id)}")
+                    # a retry: replay, never run twice
+                    self._send(identity, with_request_id(session.last_reply, header["id"]))
                     return None
                 if seq <= session.last_seq:
                     raise StaleRequestError(f"seq {seq} is older than the last one served "
-                                            f"({session.last_seq}) in session {session_id}")
+                                            f"({session.last_seq}) in session {_short(session_id)}")
             if session.pending is not None:
-                raise BusyError(f"session {session_id} already has a request in progress")
+                raise BusyError(f"session {_short(session_id)} already has a request in progress")
             job = Job(identity, header, msg.arrays, op.value, args, session, seq, received)
             if queue_compute:
                 if len(self.queue) >= self.limits.queue_size:
@@ -361,23 +370,22 @@ class Daemon:
         if session_id is None:
             raise InvalidInputError("open_session needs a session id chosen by the client")
         existing = self.sessions.get(session_id)
+        seed = args.get("seed")
+        seed = 0 if seed is None else seed
         if existing is not None:
-            if existing.owner != owner:
-                raise InvalidInputError(f"session {session_id!r} is already open")
-            if seq == 0 and existing.last_seq == 0 and existing.last_reply is not None:
-                self._send(identity, existing.last_reply)  # a retried open
+            if (existing.owner == owner and seq == 0 and existing.last_seq == 0 and seed == existing.seed
+                    and existing.last_reply is not None):
+                self._send(identity, with_request_id(existing.last_reply, header["id"]))  # a retried open
                 return None
-            raise InvalidInputError(f"session {session_id!r} is already open")
+            raise InvalidInputError(f"session {_short(session_id)} is already open")
         if len(self.sessions) >= self.limits.max_sessions:
             raise CapacityError(f"{self.limits.max_sessions} sessions are open; close one first")
         if seq != 0:
             raise ProtocolError("open_session must carry seq 0")
-        seed = args.get("seed")
-        seed = 0 if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer or null, got {seed!r}")
         backend = self.factory(seed)
-        session = Session(session_id, backend, seed, backend.info(), owner=owner)
+        session = Session(session_id, backend, seed, backend.info(), owner=owner, last_op=Op.OPEN_SESSION.value)
         session.last_reply = self._reply(identity, header, plain({"session": session_id, "info": session.info}))
         self.sessions.add(session)
         log.info("event=open session=%s seed=%d sessions=%d", session_id[:8], seed, len(self.sessions))
@@ -387,13 +395,13 @@ class Daemon:
                seq: int | None, owner: str) -> None:
         session = self.sessions.get(session_id)
         if session is not None and session.owner != owner:
-            raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
+            raise UnknownSessionError(f"no open session {_short(session_id)} on daemon {self.instance}")
         if session is None:
             remembered = self.sessions.closed.get(session_id) if session_id else None
-            if remembered is not None and remembered[0] == seq:
-                self._send(identity, remembered[1])
+            if remembered is not None and remembered[0] == seq and remembered[1]:
+                self._send(identity, with_request_id(remembered[1], header["id"]))
                 return None
-            raise UnknownSessionError(f"no open session {session_id!r} on daemon {self.instance}")
+            raise UnknownSessionError(f"no open session {_short(session_id)} on daemon {self.instance}")
         assert seq is not None
         if seq <= session.last_seq:
             raise StaleRequestError(f"seq {seq} is older than the last one served ({session.last_seq})")
@@ -428,7 +436,7 @@ class Daemon:
         error: DeviceError | None = None
         try:
             if session.closed:
-                raise UnknownSessionError(f"session {session.id!r} was closed")
+                raise UnknownSessionError(f"session {_short(session.id)} was closed")
             result, arrays = self._compute(job)
         except DeviceError as exc:
             error = exc
@@ -453,7 +461,7 @@ class Daemon:
             session.ops += 1
             session.last_used = time.monotonic()
             if job.seq is not None and job.op in MUTATING:
-                session.last_seq, session.last_reply = job.seq, frames
+                session.last_seq, session.last_reply, session.last_op = job.seq, frames, job.op
             self._count(error)
             self._send(job.identity, frames)
             if session.closed:
@@ -533,6 +541,11 @@ def _snapshot_op(dev: Device, op: str, args: dict[str, Any],
     return {}, {}
 
 
+def _short(session_id: Any) -> str:
+    """A session id as messages and logs may show it: ids are capabilities (docs/protocol.md 9)."""
+    return f"{str(session_id)[:8]}..." if isinstance(session_id, str) else repr(session_id)
+
+
 def _bias(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     bias = arrays.get("bias")
     return None if bias is None else as_float_array(bias, "bias", 1)
@@ -541,12 +554,14 @@ def _bias(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
 def _time(value: Any, name: str) -> float:
     if type(value) is float and 0.0 <= value < math.inf:  # the common case, without NumPy
         return value
+    if type(value) is not int and type(value) is not float:  # not "5", not true: msgpack numbers only
+        raise InvalidInputError(f"{name} must be a number (msgpack int or float), got {value!r}"[:200])
     return as_finite_scalar(value, name, minimum=0.0)  # the checks and error messages
 
 
 def _check_reply_size(kwargs: dict[str, Any], n: int, limits: Limits) -> None:
     """Refuse a run whose result (samples K x N, second moment N x N) would exceed the message
-    limit: 2^20 samples of 4096 cells is 34 GB, built by the backend before any reply is sent."""
+    limit: 10^6 samples of 4096 cells is 33 GB, built by the backend before any reply is sent."""
     values = kwargs["samples"] * n + (n * n if kwargs["second_moment"] else 0) + 2 * n
     if values * 8 > limits.max_message_bytes:
         raise TooLargeError(f"the result ({kwargs['samples']} samples of {n} cells"

@@ -37,6 +37,7 @@ class Session:
     info: dict[str, Any]
     last_seq: int = 0
     last_reply: list[Any] | None = None
+    last_op: str = ""  # the operation whose reply is cached: a replay must be of the same request
     pending: Job | None = None  # the one request of this session queued or running
     owner: str = ""  # the CURVE public key (Z85) that opened it; "" without authentication
     closed: bool = False
