@@ -38,9 +38,15 @@ OVERDAMPED_SCHEMES = {"euler_maruyama": SCHEME_EM, "heun": SCHEME_HEUN}
 UNDERDAMPED_SCHEMES = {"euler_maruyama": SCHEME_EM, "baoab": SCHEME_BAOAB}
 # Below this size a hand loop beats the BLAS call overhead (measured: benchmarks/bench_kernels.py).
 BLAS_MIN_DIM = 128
+# Reassociation (vectorised reductions) and fused multiply-add, not the full "fast" set: with all
+# of LLVM's fast-math flags, a kernel compiled in process and the same kernel loaded from numba's
+# cache rounded differently (1 ulp in the Factored Heun state), so a daemon with a warm cache and
+# a host compiling afresh disagreed; with these two they agree bit for bit, at the same speed
+# (tests/test_determinism.py, benchmarks/bench_kernels.py).
+FASTMATH = {"reassoc", "contract"}  # numba wants a set
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
     """f = b + eta - A x for the drift form (eta: the summed 1/f noise, empty when off)."""
     n = x.shape[0]
@@ -86,7 +92,7 @@ def _record(x, n_out, sub, g, stride, total, out, total_outer):
                 total_outer[p, q] += xp * x[q]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, sig, noise, scheme,
                       rail, fl_state, fl_decay, fl_std, sub, k0, stride, total, out, total_outer, clipped):
     """dx = r C^-1 (b + eta - A x) dt + sqrt(2 kappa r) C^-1/2 dW, rails at +-rail (0: none).
@@ -135,7 +141,7 @@ def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, s
         _record(x, n, sub, k0 + s + 1, stride, total, out, total_outer)
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _underdamped_steps(z, cinv, e_fric, l_fric, inductance, resistance, dt, sig, noise, scheme,
                        sub, k0, stride, total, out, total_outer):
     n = cinv.shape[0]
