@@ -6,9 +6,10 @@ Large arrays are sent without a copy (pyzmq ``copy=False``) and received as ``np
 views on the ZeroMQ frame. Nothing here pickles or evaluates data: a hostile peer can at worst
 make ``decode`` raise a ``ProtocolError`` (or a subclass), which the daemon turns into a reply.
 
-Decoding checks, in this order, before any array is built: total size, header size, header
-shape (msgpack map with the expected field types), version, then for every array its frame
-index, dtype (allow-list), shape (rank and axis limits) and the exact byte length of its frame.
+Decoding checks, in this order, before any array is built: header size, header shape (msgpack
+map), total size (after the header, so a too_large reply can echo the request id), version, then
+for every array its name, frame index, dtype (allow-list), shape (rank and axis limits) and the
+exact byte length of its frame.
 """
 
 from __future__ import annotations
