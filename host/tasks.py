@@ -252,7 +252,9 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
 
     ``blas_threads`` caps NumPy's BLAS threads for the run (None: leave them). Why: once torch has
     run, its idle OpenMP workers compete with OpenBLAS's threads, and on this 2-core machine under
-    load the emulator's SVD then took 1-4 s instead of ~0.2 s single-threaded.
+    load the emulator's SVD then took 1-4 s instead of ~0.2 s single-threaded. It also fixes the
+    numbers: multi-threaded BLAS rounds differently, and a daemon (``thermo-device serve
+    --blas-threads``, default 1) gives the embedded emulator's bits only with the same count.
     ``torch_threads`` likewise sets torch's intra-op threads for the run (restored afterwards;
     None: leave them). Why: these models are small, and with two threads on 2 shared cores a
     busy neighbour made per-step times 5-20x worse (MNIST Adam 67 ms/step at load 3-4 against
@@ -266,12 +268,9 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
         torch.set_num_threads(torch_threads)
     limiter = None
     if blas_threads is not None:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # threadpoolctl comes with scikit-learn; without it, run as is
-            pass
-        else:
-            limiter = threadpool_limits(blas_threads, user_api="blas")
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(blas_threads, user_api="blas")
     try:
         return _train(task, optimizer, steps=steps, batch_size=batch_size, seed=seed, device=device,
                       device_overrides=device_overrides, label=label, eval_every=eval_every,

@@ -227,6 +227,29 @@ def test_bit_identical_to_the_embedded_emulator(daemon):
     assert not np.array_equal(got[0].mean, got[3].mean)  # the comparison is not vacuous
 
 
+def test_bit_identical_at_a_size_where_blas_threads_change_the_bits(daemon):
+    # N = 600: eigh and GEMM split their sums over threads, so 1 and 2 BLAS threads round
+    # differently. The daemon runs with --blas-threads 1 (default), as train() runs the embedded
+    # emulator; here the embedded side is limited the same way.
+    from threadpoolctl import threadpool_limits
+
+    n = 600
+    rng = np.random.default_rng(8)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a, b = (q * np.logspace(0, 1, n)) @ q.T, rng.standard_normal(n)
+    remote = host.connect(daemon.endpoint, seed=2, timeout=TIMEOUT)
+    try:
+        remote.program(Dense(a), b)
+        got = remote.run(2.0, samples=2)
+    finally:
+        remote.close()
+    with threadpool_limits(1, user_api="blas"):
+        emu = Emulator(load_profile("ideal"), 2)
+        emu.program(Dense(a), b)
+        want = emu.run(2.0, samples=2)
+    _same_result(got, want)
+
+
 def test_two_clients_have_independent_state(daemon):
     a = DeviceClient(daemon.endpoint, seed=5, timeout=TIMEOUT)
     b = DeviceClient(daemon.endpoint, seed=5, timeout=TIMEOUT)

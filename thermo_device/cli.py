@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute requests waiting behind a running one before 'busy'")
     serve.add_argument("--session-idle-s", type=float, default=Limits().session_idle_s,
                        help="reclaim a session idle this long (0: never)")
+    serve.add_argument("--blas-threads", type=int, default=1,
+                       help="BLAS threads for the whole daemon (0: leave the library's default). "
+                            "Multi-threaded BLAS rounds differently from single-threaded, so this "
+                            "must match the host's for bit-identical results (default %(default)s, "
+                            "as host.tasks.train runs the embedded emulator)")
     serve.add_argument("--allow-remote", action="store_true",
                        help="allow a non-loopback bind without CURVE (anyone who reaches the port can use it)")
     serve.add_argument("--curve-secret-key", metavar="FILE",
@@ -95,6 +100,14 @@ def serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.max_message_bytes <= 0 or args.max_sessions <= 0 or args.queue_size < 0:
         raise SystemExit("--max-message-bytes and --max-sessions must be positive, --queue-size >= 0")
+    if args.blas_threads < 0:
+        raise SystemExit("--blas-threads must be >= 0 (0: the BLAS library's default)")
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        # Process-wide for the daemon's life (numpy's and scipy's OpenBLAS alike): eigh, GEMM and
+        # friends split their sums by thread count, so this is part of what fixes the numbers.
+        threadpool_limits(args.blas_threads, user_api="blas")
     security = None
     if args.curve_secret_key or args.allow_keys:
         if not (args.curve_secret_key and args.allow_keys):
