@@ -250,6 +250,22 @@ def test_bit_identical_at_a_size_where_blas_threads_change_the_bits(daemon):
     _same_result(got, want)
 
 
+def test_training_through_a_daemon_is_bit_identical_to_embedded(tmp_path):
+    # The headline promise: the same training code, and the same numbers, on the embedded
+    # emulator and on a device behind the wire (digits TNGD: J is 640 x 2410, 12 MB per step).
+    from host.tasks import train
+
+    noisy = {"noise.kappa": 1e-3}
+    d = DaemonProcess(tmp_path / "train-daemon.log", "--profile", "ideal", "--set", "noise.kappa=1e-3")
+    try:
+        remote = train("digits", "tngd", steps=6, eval_every=3, device=d.endpoint)
+    finally:
+        d.stop()
+    local = train("digits", "tngd", steps=6, eval_every=3, device="embedded:ideal", device_overrides=noisy)
+    assert remote.loss == local.loss and remote.test_accuracy == local.test_accuracy
+    assert len(set(local.loss)) == len(local.loss)  # training moved: the comparison is not vacuous
+
+
 def test_two_clients_have_independent_state(daemon):
     a = DeviceClient(daemon.endpoint, seed=5, timeout=TIMEOUT)
     b = DeviceClient(daemon.endpoint, seed=5, timeout=TIMEOUT)
