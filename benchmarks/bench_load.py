@@ -97,8 +97,9 @@ def bad_peers(endpoint: str, stop: Any) -> None:
     raw.close()
 
 
-def start_daemon(queue_size: int | None) -> tuple[subprocess.Popen, str]:
+def start_daemon(queue_size: int | None, blas_threads: int | None = None) -> tuple[subprocess.Popen, str]:
     extra = [] if queue_size is None else ["--queue-size", str(queue_size)]
+    extra += [] if blas_threads is None else ["--blas-threads", str(blas_threads)]
     return start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal",
                          "--bind", "tcp://127.0.0.1:*", "--log-level", "WARNING", *extra])
 
@@ -150,10 +151,12 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds a scenario may take")
     ap.add_argument("--queue-size", type=int, default=None,
                     help="the daemon's --queue-size (default: its own; 8 reproduces the earlier busy storm)")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="the daemon's --blas-threads (default: its own, 1; 0 is the library's default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
     args = ap.parse_args()
     steps = 20 if args.quick else args.steps
-    proc, endpoint = start_daemon(args.queue_size)
+    proc, endpoint = start_daemon(args.queue_size, args.blas_threads)
     try:
         runs = [scenario(endpoint, proc.pid, h, steps, args.deadline, False) for h in (1, 4, 16)]
         runs.append(scenario(endpoint, proc.pid, 4, steps, args.deadline, True))
@@ -171,6 +174,7 @@ def main() -> None:
                     "loadavg_at_end": list(os.getloadavg())},
         "problem": {"N": N, "m": M, "analog_time_tau": ANALOG_T, "profile": "ideal"},
         "daemon_queue_size": args.queue_size,
+        "daemon_blas_threads": args.blas_threads,
         "scenarios": runs,
         "bad_peers_slowdown": round(four["aggregate_steps_per_s"] / four_bad["aggregate_steps_per_s"], 3),
         "daemon_alive_at_end": alive,
