@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.device import pcg64_from_plain, pcg64_to_plain
 from protocol.errors import InvalidInputError
 
 FORMAT = 1
@@ -29,17 +30,13 @@ RECORD_LISTS = ("steps", "loss", "wall_s", "emulator_s", "analog_s", "eval_steps
 
 
 def rng_to_plain(rng: np.random.Generator) -> dict[str, Any]:
-    """A PCG64 generator's state with its 128-bit words as strings (portable, weights_only-safe)."""
-    st = rng.bit_generator.state
-    return {"state": str(st["state"]["state"]), "inc": str(st["state"]["inc"]),
-            "has_uint32": int(st["has_uint32"]), "uinteger": int(st["uinteger"])}
+    return pcg64_to_plain(rng.bit_generator.state)
 
 
 def rng_from_plain(d: dict[str, Any]) -> np.random.Generator:
     rng = np.random.Generator(np.random.PCG64())
-    rng.bit_generator.state = {"bit_generator": "PCG64",
-                               "state": {"state": int(d["state"]), "inc": int(d["inc"])},
-                               "has_uint32": int(d["has_uint32"]), "uinteger": int(d["uinteger"])}
+    # format-1 checkpoints written before the shared helper lack the generator's name
+    rng.bit_generator.state = pcg64_from_plain({"bit_generator": "PCG64", **d}, "the checkpoint's data-order rng")
     return rng
 
 

@@ -118,6 +118,7 @@ class DeviceClient:
         self._last_snapshot: DeviceSnapshot | None = None
         self.instance: str = ""
         self.daemon: dict[str, Any] = {}
+        self._max_message_bytes: int | None = None  # the daemon's, from hello
         self._open_socket()
         try:
             self._connect_session()
@@ -248,6 +249,8 @@ class DeviceClient:
                                 code=None)
         self.instance = reply["instance"]
         self.daemon = result
+        limit = result.get("limits", {}).get("max_message_bytes") if isinstance(result.get("limits"), dict) else None
+        self._max_message_bytes = limit if isinstance(limit, int) else None
         self._session = uuid.uuid4().hex
         self._seq = -1  # open_session carries seq 0
         self._call(Op.OPEN_SESSION, {"seed": self.seed}, mutating=True, recover=False)
@@ -351,8 +354,8 @@ class DeviceClient:
     def _check_size(self, op: Op, frames: list[Any]) -> None:
         """Refuse here what the daemon would refuse: above its hard frame guard a message gets no
         reply at all (libzmq drops the connection), so the caller would only see a timeout."""
-        limit = self.daemon.get("limits", {}).get("max_message_bytes")
-        if not isinstance(limit, int):
+        limit = self._max_message_bytes
+        if limit is None:
             return  # before hello: nothing known yet (hello itself is small)
         total = sum(f.nbytes if isinstance(f, np.ndarray) else len(f) for f in frames)
         if total > limit:

@@ -116,12 +116,6 @@ class HandshakeWatch:
             self._event(recv_monitor_message(mon))
         return True
 
-    def check(self) -> None:
-        """Raise now if a refused handshake is already known (never blocks)."""
-        mon = self._mon
-        while not self.ok and mon is not None and mon.poll(0):
-            self._event(recv_monitor_message(mon))
-
     def _event(self, event: dict[str, Any]) -> None:
         kind, value = event["event"], event["value"]
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:

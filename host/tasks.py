@@ -35,7 +35,6 @@ OPTIMIZERS = ("tngd", "tngd-adam", "ngd", "ngd-cg", "adam", "sgd", "kfac", "sham
 DEVICE_OPTIMIZERS = ("tngd", "tngd-adam")
 
 # The TNGD paper's projection of its hardware (App. C): 16-bit converters and 50 Gb/s transfer.
-PAPER_TRANSFER_BITS = 16
 PAPER_TRANSFER_BPS = 50e9
 
 
@@ -370,25 +369,10 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
     return rec
 
 
-def projected_step_s(rec: RunRecord, batch: int, n_out: int, tau_s: float = 1e-6,
-                     bits: int = PAPER_TRANSFER_BITS, bps: float = PAPER_TRANSFER_BPS) -> dict[str, float]:
-    """Per-step time on the paper's hardware model: host time + analog time + transfers.
-
-    Transfers per step (TNGD App. C): the gradient (N values) and the b d_z (b d_z + 2N) resistor
-    values in, the N readouts out, each ``bits`` wide over a ``bps`` link.
-    """
-    n = rec.n_params
-    m = batch * n_out
-    s = rec.summary()
-    transfer = (2 * n + m * (m + 2 * n)) * bits / bps
-    analog = rec.hparams.get("analog_time", 0.0) * tau_s + rec.hparams.get("delay", 0.0) * tau_s
-    host = s["host_ms_per_step"] / 1e3
-    return {"host_s": host, "analog_s": analog, "transfer_s": transfer, "total_s": host + analog + transfer}
-
-
 def profile_projected_step_s(rec: RunRecord, batch: int, n_out: int, profile: str = "tngd-paper",
                              bps: float = PAPER_TRANSFER_BPS) -> dict[str, Any]:
-    """``projected_step_s`` on a device profile: its tau and its converter widths.
+    """Per-step time on a device profile's hardware model (TNGD App. C): measured host time +
+    analog time + transfers, at the profile's tau and converter widths.
 
     The profile's ``info()`` gives tau_s, the gradient DAC width (N values in), the coupling
     (resistor-programming) width (m (m + 2N) values in) and the ADC width (N averaged readouts

@@ -17,6 +17,31 @@ import numpy as np
 from .drift import Drift
 
 
+def pcg64_to_plain(state: dict[str, Any]) -> dict[str, Any]:
+    """A PCG64 bit-generator state (``Generator.bit_generator.state``) as plain data, its 128-bit
+    words as decimal strings: msgpack integers and torch's weights-only loader stop at 64 bits.
+    Snapshots (``DeviceSnapshot.meta``) and training checkpoints carry generators this way."""
+    inner = state["state"]
+    return {"bit_generator": state["bit_generator"], "state": str(inner["state"]), "inc": str(inner["inc"]),
+            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
+
+
+def pcg64_from_plain(d: Any, where: str) -> dict[str, Any]:
+    """The PCG64 state ``pcg64_to_plain`` wrote, checked (InvalidInputError naming ``where``)."""
+    from .errors import InvalidInputError
+
+    try:
+        if d["bit_generator"] != "PCG64":
+            raise ValueError(f"generator {d['bit_generator']!r} is not PCG64")
+        state, inc = int(str(d["state"])), int(str(d["inc"]))
+        if not (0 <= state < 1 << 128 and 0 <= inc < 1 << 128):
+            raise ValueError("words out of range")
+        return {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                "has_uint32": int(d["has_uint32"]) & 1, "uinteger": int(d["uinteger"]) & 0xFFFFFFFF}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where} is not a PCG64 state ({exc})") from None
+
+
 @dataclass(frozen=True, eq=False)
 class RunResult:
     """What a run returns.

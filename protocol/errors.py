@@ -119,8 +119,6 @@ class AuthenticationError(DeviceError, PermissionError):
     code = ErrorCode.AUTH
 
 
-AuthError = AuthenticationError  # the name this class had while CURVE was only planned
-
 
 class InternalError(DeviceError):
     code = ErrorCode.INTERNAL

@@ -104,7 +104,7 @@ class Limits:
     max_ndim: int = 3
     max_dimension: int = 1 << 24  # any single axis
     max_sessions: int = 64
-    queue_size: int = 16  # compute jobs waiting behind the running one; more get "busy" (= RCVHWM)
+    queue_size: int = 16  # compute jobs waiting behind the running one; more get "busy"
     session_idle_s: float = 3600.0  # an idle session is reclaimed after this long (0: never)
 
     def as_dict(self) -> dict[str, int | float]:

@@ -18,9 +18,12 @@ bits = 0 means an ideal converter (no rounding, no clipping).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from protocol.capabilities import PRECISION_COND
 
 
 def lsb(bits: int, full_scale: float) -> float:
@@ -80,3 +83,24 @@ class AdcChain:
         self.clipped += c
         self.count += x.size
         return q
+
+
+def converter_precision(*, cells: int, dac_bits: int, adc_bits: int, coupling_bits: int,
+                        headroom: float = 0.5, cond: float = PRECISION_COND) -> float:
+    """A declared ``precision`` for a device limited only by its converters (no mismatch).
+
+    Terms, each relative to max|A^-1 b| (which the range mapping puts at ``headroom`` of full scale):
+    * coupling codes: entries rounded to LSB_c = max|A| / (2^(bits-1) - 1); the error matrix has
+      spectral norm about 2 sqrt(N) LSB_c / sqrt(12) (random-matrix estimate), and
+      ||dx|| / ||x|| <= cond * ||dA|| / ||A||, with ||A|| >= max|A|; taken at 3 sigma;
+    * bias DAC: half an LSB (2^-bits of full scale) through A^-1 (factor cond);
+    * ADC: half an LSB (an upper bound: noise dithers the average towards zero error).
+    """
+    def half_lsb(bits: int) -> float:
+        return 0.0 if bits == 0 else lsb(bits, 1.0) / 2
+
+    coupling = 0.0
+    if coupling_bits:
+        lsb_rel = 1.0 / max(2 ** (coupling_bits - 1) - 1, 1)
+        coupling = 3.0 * cond * 2.0 * math.sqrt(cells) * lsb_rel / math.sqrt(12.0)
+    return coupling + (cond * half_lsb(dac_bits) + half_lsb(adc_bits)) / headroom

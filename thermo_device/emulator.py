@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.capabilities import PRECISION_COND, Capabilities, converter_precision
+from protocol.capabilities import PRECISION_COND, Capabilities
 from protocol.device import DeviceSnapshot, RunResult
 from protocol.drift import (
     DRIFT_FORMS,
@@ -47,7 +47,7 @@ from protocol.errors import (
 from . import __version__
 from .backend import Backend, check_run_args
 from .calibration import Calibration, calibrate
-from .converters import AdcChain, lsb
+from .converters import AdcChain, converter_precision, lsb
 from .dynamics import ModalSystem, SteppingOnlySystem, check_dimension, stable_step
 from .exact import GeneralPropagator, ModalPropagator
 from .mismatch import Chip

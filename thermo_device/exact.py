@@ -30,6 +30,7 @@ from .dynamics import GeneralSystem, ModalSystem
 
 NOISE_BLOCK_FLOATS = 1 << 20  # normals drawn per block (8 MiB of float64)
 
+
 @dataclass
 class WindowResult:
     """Raw accumulations of a readout window, in the propagator's own coordinates."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.device import DeviceSnapshot
+from protocol.device import DeviceSnapshot, pcg64_from_plain, pcg64_to_plain
 from protocol.drift import Dense, Diagonal, Drift, Factored, as_float_array, drift_form
 from protocol.errors import InvalidInputError
 
@@ -56,25 +56,6 @@ def profile_digest(profile: Profile) -> str:
     return hashlib.sha256(repr(profile).encode()).hexdigest()[:16]
 
 
-def _rng_to_wire(state: dict[str, Any]) -> dict[str, Any]:
-    inner = state["state"]
-    return {"bit_generator": state["bit_generator"], "state": str(inner["state"]), "inc": str(inner["inc"]),
-            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
-
-
-def _rng_from_wire(d: Any, where: str) -> dict[str, Any]:
-    try:
-        if d["bit_generator"] != "PCG64":
-            raise ValueError(f"generator {d['bit_generator']!r} is not PCG64")
-        state, inc = int(str(d["state"])), int(str(d["inc"]))
-        if not (0 <= state < 1 << 128 and 0 <= inc < 1 << 128):
-            raise ValueError("words out of range")
-        return {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
-                "has_uint32": int(d["has_uint32"]) & 1, "uinteger": int(d["uinteger"]) & 0xFFFFFFFF}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInputError(f"snapshot: {where} is not a PCG64 state ({exc})") from None
-
-
 def _thermo(d: Any, where: str) -> tuple[float, float]:
     try:
         t, temp = (float(v) for v in d)
@@ -93,7 +74,7 @@ def pack_snapshot(profile: Profile, seed: int, rng_state: dict[str, Any], thermo
         arrays["state"] = np.array(state, dtype=np.float64)
     meta: dict[str, Any] = {
         "format": FORMAT, "backend": "emulator", "profile": profile.name, "profile_digest": profile_digest(profile),
-        "seed": seed, "rng": _rng_to_wire(rng_state), "thermostat": list(thermostat),
+        "seed": seed, "rng": pcg64_to_plain(rng_state), "thermostat": list(thermostat),
         "calibrations": sorted(calibrations), "programs": [],
     }
     for n, cal in calibrations.items():
@@ -105,7 +86,7 @@ def pack_snapshot(profile: Profile, seed: int, rng_state: dict[str, Any], thermo
             continue
         d = src.drift
         entry: dict[str, Any] = {"slot": slot, "form": drift_form(d), "unit_scale": src.unit_scale,
-                                 "rng": _rng_to_wire(src.rng_state), "thermostat": list(src.thermostat),
+                                 "rng": pcg64_to_plain(src.rng_state), "thermostat": list(src.thermostat),
                                  "calibrated": src.calibration is not None}
         if isinstance(d, Dense):
             arrays[f"{slot}.matrix"] = np.array(d.matrix)
@@ -188,11 +169,11 @@ def unpack_snapshot(snapshot: Any, profile: Profile) -> Unpacked:
             cal = _calibration(c[0], _array(arrays, f"{slot}.cal_gain", 2),
                                _array(arrays, f"{slot}.cal_offset", 1), c[1:], f"{slot} calibration")
         programs.append(ProgramSource(drift, bias, cal, bool(e.get("unit_scale", False)),
-                                      _rng_from_wire(e.get("rng"), f"{slot}.rng"),
+                                      pcg64_from_plain(e.get("rng"), f"snapshot: {slot}.rng"),
                                       _thermo(e.get("thermostat"), f"{slot}.thermostat")))
     state = _array(arrays, "state", 1) if "state" in arrays else None
     flicker = np.array(arrays.get("flicker", np.zeros((0, 0))), dtype=np.float64)
     if flicker.ndim != 2 or not np.isfinite(flicker).all():
         raise InvalidInputError("snapshot: flicker must be a finite 2-D array")
-    return Unpacked(seed, _rng_from_wire(meta.get("rng"), "rng"), _thermo(meta.get("thermostat"), "thermostat"),
+    return Unpacked(seed, pcg64_from_plain(meta.get("rng"), "snapshot: rng"), _thermo(meta.get("thermostat"), "thermostat"),
                     state, flicker, programs, cals)

@@ -32,6 +32,7 @@ import numpy as np
 from protocol.drift import Dense
 from protocol.errors import DeviceError, NotStableError
 
+from ..converters import lsb
 from ..emulator import Emulator
 from ..profile import load_profile
 from . import link
@@ -65,8 +66,8 @@ class Board:
     def __init__(self, config: BoardConfig) -> None:
         self.cfg = config
         c = config
-        self.adc_lsb = 2.0 / 2**c.adc_bits
-        self.dac_lsb = 2.0 / 2**c.dac_bits
+        self.adc_lsb = lsb(c.adc_bits, 1.0)
+        self.dac_lsb = lsb(c.dac_bits, 1.0)
         self.min_ticks = max(1, round(c.sample_interval * R.TICKS_PER_TAU / 2))
         self.profile = load_profile("ideal", {
             "device.cells": c.cells, "device.tau_s": c.tau_s, "noise.kappa": c.kappa,

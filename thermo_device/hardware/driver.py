@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.capabilities import Capabilities, converter_precision
+from protocol.capabilities import Capabilities
 from protocol.device import RunResult
 from protocol.drift import Dense, Drift, as_float_array
 from protocol.errors import (
@@ -42,6 +42,7 @@ from protocol.errors import (
 )
 
 from ..backend import Backend, check_run_args
+from ..converters import converter_precision, lsb
 from ..readout import plan_grid
 from . import regmap as R
 from .transport import DEFAULT_TIMEOUT_S, Recorder, SocketTransport, Transport
@@ -104,8 +105,8 @@ class HardwareBackend(Backend):
         self.min_frame_ticks = int(ident[(R.ADC_MIN_TICKS - R.ID) // 4])
         self.kappa = R.bits_f32(int(ident[(R.KAPPA_F32 - R.ID) // 4]))
         self.fifo_depth = int(ident[(R.FIFO_DEPTH - R.ID) // 4])
-        self.dac_lsb = 2.0 / 2**self.dac_bits
-        self.adc_lsb = 2.0 / 2**self.adc_bits
+        self.dac_lsb = lsb(self.dac_bits, 1.0)
+        self.adc_lsb = lsb(self.adc_bits, 1.0)
         if self.dac_bits < 2 or self.adc_bits < 2 or self.adc_bits > 16 or self.coupling_bits < 2:
             raise DeviceError(f"unsupported converter depths (DAC {self.dac_bits}, ADC {self.adc_bits}, "
                               f"coupling {self.coupling_bits} bits)")
