@@ -438,7 +438,8 @@ def _drift_args(drift: Drift, bias: np.ndarray | None) -> tuple[dict[str, Any], 
 
 def _run_args(duration: float, burn_in: float, delay: float, reset: bool, samples: int,
               second_moment: bool) -> dict[str, Any]:
-    if type(duration) is float and type(burn_in) is float and type(delay) is float:  # the hot path
+    if (type(duration) is float and type(burn_in) is float and type(delay) is float and type(samples) is int
+            and type(reset) is bool and type(second_moment) is bool):  # the hot path; NumPy scalars go through plain()
         return {"duration": duration, "burn_in": burn_in, "delay": delay, "reset": reset,
                 "samples": samples, "second_moment": second_moment}
     return plain({"duration": duration, "burn_in": burn_in, "delay": delay, "reset": reset,

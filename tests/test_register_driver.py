@@ -192,3 +192,19 @@ def test_unposted_writes_report_errors_at_once(board) -> None:
     x_star = np.linalg.solve(a, b)
     assert np.max(np.abs(res.mean - x_star)) <= dev.capabilities().precision * np.max(np.abs(x_star))
     dev.close()
+
+
+def test_a_dropped_state_of_another_length_does_not_widen_the_range(board) -> None:
+    # state = 3 values of 100 before a 4-cell program: dropped (wrong length), so the range is
+    # set by A and b alone, the same as without it (one driver owns the board at a time)
+    scales = []
+    for preset in (np.full(3, 100.0), None):
+        dev = _driver(board)
+        try:
+            if preset is not None:
+                dev.state = preset
+            dev.program(Dense(np.eye(4)), np.ones(4))
+            scales.append(dev.status()["range_scale"])
+        finally:
+            dev.close()
+    assert scales[0] == scales[1]

@@ -96,3 +96,19 @@ def test_bad_snapshots_raise_typed_errors_and_change_nothing():
     assert after.meta == before.meta
     assert all(np.array_equal(after.arrays[k], v) for k, v in before.arrays.items())
     assert np.array_equal(c.run(2.0, samples=2).samples, a.run(2.0, samples=2).samples)
+
+
+def test_restore_after_calibrating_another_size_keeps_the_1f_state():
+    # calibrate(4) on a device programmed at 6 swaps in a 1/f filter of size 4 while it probes;
+    # the size-6 program's filter state must come back, or the snapshot carries the wrong one.
+    prof = load_profile("noisy", {"noise.flicker_corner": 0.5, "integrator.method": "auto"})
+    a = Emulator(prof, seed=5)
+    rng = np.random.default_rng(2)
+    m = rng.standard_normal((6, 6))
+    a.program(Dense(m @ m.T / 6 + np.eye(6)), rng.standard_normal(6))
+    a.run(3.0)
+    a.calibrate(4, duration=50.0)
+    b = Emulator(prof, seed=99)
+    b.restore(a.snapshot())
+    ra, rb = a.run(2.0, samples=3), b.run(2.0, samples=3)
+    assert np.array_equal(ra.state, rb.state) and np.array_equal(ra.samples, rb.samples)

@@ -376,6 +376,12 @@ def test_a_frame_above_the_hard_guard_is_dropped_without_harm(daemon, client):
     assert daemon.alive() and client.ping() < 5.0
 
 
+def test_client_sends_numpy_scalars_as_plain_arguments(client):
+    client.program(Diagonal(np.ones(3)))
+    res = client.run(0.5, samples=np.int64(2), reset=np.bool_(True), second_moment=np.bool_(False))
+    assert res.samples.shape == (2, 3) and res.second_moment is None
+
+
 def test_client_refuses_an_oversize_request_at_once_instead_of_timing_out(daemon, client):
     # Above the daemon's hard frame guard a request would get no reply at all (test above): the
     # client knows max_message_bytes from hello and raises before sending.

@@ -255,11 +255,13 @@ class Emulator(Backend):
             n = self._current.realized.drift.dim
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):  # int(nan) would raise ValueError
             raise InvalidInputError(f"calibrate: n must be an integer, got {n!r}")
-        saved = (self._current, self._previous, self._state, self._thermostat.state())
+        # The 1/f state too: probing another size swaps in a filter array of that size, while the
+        # restored program's stepper (and a later snapshot) must keep the one it was built with.
+        saved = (self._current, self._previous, self._state, self._flicker_state)
         try:
             cal = calibrate(self, int(n), duration=duration, burn_in=burn_in, probe=probe)
         finally:
-            self._current, self._previous, self._state = saved[0], saved[1], saved[2]
+            self._current, self._previous, self._state, self._flicker_state = saved
         self._calibrations[cal.n] = cal
         return cal.summary()
 

@@ -159,11 +159,15 @@ class HardwareBackend(Backend):
             raise ShapeError(f"bias: expected length {n} to match the drift, got {b.shape[0]}")
         codes, lsb, a_q = self._coupling_codes(np.asarray(drift.matrix, dtype=np.float64))
         x_star = _check_stable(a_q, b)
+        # a state set before this size was programmed applies only if its length fits (else it is
+        # dropped below, and must not widen the range either)
+        pending = self._pending_state
+        fits = pending if pending is not None and pending.shape[0] == n else None
         # Warm start survives re-ranging: read the state (host units) only when the scale may change.
         old_state = None
-        if self._n == n and self._pending_state is None and self._needs_rerange(b, x_star):
+        if self._n == n and pending is None and self._needs_rerange(b, x_star):
             old_state = self.state
-        scale = self._choose_scale(b, x_star, old_state)
+        scale = self._choose_scale(b, x_star, old_state, fits)
         # Everything is validated: from here on the board is written.
         block = np.zeros((n, self.cells), dtype=np.int64)
         block[:, :n] = codes
@@ -174,9 +178,9 @@ class HardwareBackend(Backend):
         self._raise_board_error(self._status_block())
         rescaled = scale != self._scale
         self._n, self._scale, self._bias_host = n, scale, b
-        state = self._pending_state if self._pending_state is not None else (old_state if rescaled else None)
+        state = fits if pending is not None else (old_state if rescaled else None)
         self._pending_state = None
-        if state is not None and state.shape[0] == n:  # a pending state of another length is dropped
+        if state is not None:
             self._load_state(state)
 
     def _coupling_codes(self, a: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
@@ -196,14 +200,15 @@ class HardwareBackend(Backend):
     def _required_scale(self, b: np.ndarray, x_star: np.ndarray) -> float:
         return max(float(np.max(np.abs(b), initial=0.0)), float(np.max(np.abs(x_star), initial=0.0))) / self.headroom
 
-    def _choose_scale(self, b: np.ndarray, x_star: np.ndarray, state: np.ndarray | None) -> float:
+    def _choose_scale(self, b: np.ndarray, x_star: np.ndarray, state: np.ndarray | None,
+                      pending: np.ndarray | None = None) -> float:
         need = self._required_scale(b, x_star)
         if state is not None:
             need = max(need, float(np.max(np.abs(state), initial=0.0)) / STATE_LIMIT)
         if self._n and self._scale / RANGE_SHRINK <= need <= self._scale:
             return self._scale
-        if self._pending_state is not None:
-            need = max(need, float(np.max(np.abs(self._pending_state), initial=0.0)) / STATE_LIMIT)
+        if pending is not None:
+            need = max(need, float(np.max(np.abs(pending), initial=0.0)) / STATE_LIMIT)
         return need if need > 0.0 else 1.0
 
     def _dac_codes(self, values: np.ndarray, what: str) -> np.ndarray:
