@@ -16,8 +16,10 @@ drift is positive-stable is the device's call: it raises ``NotStableError``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -101,11 +103,33 @@ def as_finite_scalar(value: object, name: str, *, minimum: float | None = None) 
     return x
 
 
+def _trusted(cls: type, **fields: object) -> object:
+    """An instance built without the checks of ``__post_init__``: for arrays derived in-process
+    from an already validated drift (damping added, codes quantised, mismatch applied), so that a
+    drift is scanned for NaN/Inf once, where it enters a process."""
+    obj = object.__new__(cls)
+    for k, v in fields.items():
+        object.__setattr__(obj, k, v)
+    return obj
+
+
+def _symmetric(a: np.ndarray, rtol: float) -> bool:
+    scale = float(np.max(np.abs(a)))
+    return bool(np.max(np.abs(a - a.T)) <= rtol * max(scale, 1e-300))
+
+
+# Relative tolerance below which a matrix counts as symmetric (host round-off is ~1e-16).
+SYMMETRY_RTOL = 1e-10
+
+
 @dataclass(frozen=True, eq=False)
 class Dense:
     """A = matrix (N x N)."""
 
     matrix: np.ndarray
+
+    form: ClassVar[str] = "dense"
+    array_names: ClassVar[tuple[str, ...]] = ("matrix",)
 
     def __post_init__(self) -> None:
         a = as_float_array(self.matrix, "Dense.matrix", 2)
@@ -113,9 +137,35 @@ class Dense:
             raise ShapeError(f"Dense.matrix: must be square, got shape {a.shape}")
         object.__setattr__(self, "matrix", a)
 
+    @classmethod
+    def trusted(cls, matrix: np.ndarray) -> Dense:
+        """No checks: ``matrix`` is derived from a validated drift (see ``_trusted``)."""
+        return _trusted(cls, matrix=matrix)  # type: ignore[return-value]
+
     @property
     def dim(self) -> int:
         return int(self.matrix.shape[0])
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return self.matrix @ x
+
+    def dense(self) -> np.ndarray:
+        """A as an N x N float64 array (the matrix itself, not a copy, when it is float64)."""
+        return np.asarray(self.matrix, dtype=np.float64)
+
+    def damped(self, damping: float) -> Dense:
+        a = np.array(self.matrix, dtype=np.float64)
+        a[np.diag_indices_from(a)] += damping
+        return Dense.trusted(a)
+
+    def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
+        return _symmetric(np.asarray(self.matrix), rtol)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"matrix": self.matrix}
+
+    def params(self) -> dict[str, float]:
+        return {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +175,9 @@ class Factored:
     J: np.ndarray
     H: np.ndarray
     damping: float = 0.0
+
+    form: ClassVar[str] = "factored"
+    array_names: ClassVar[tuple[str, ...]] = ("J", "H")
 
     def __post_init__(self) -> None:
         j = as_float_array(self.J, "Factored.J", 2)
@@ -136,6 +189,11 @@ class Factored:
         object.__setattr__(self, "H", h)
         object.__setattr__(self, "damping", as_finite_scalar(self.damping, "Factored.damping", minimum=0.0))
 
+    @classmethod
+    def trusted(cls, J: np.ndarray, H: np.ndarray, damping: float = 0.0) -> Factored:  # noqa: N803
+        """No checks: the arrays are derived from a validated drift (see ``_trusted``)."""
+        return _trusted(cls, J=J, H=H, damping=float(damping))  # type: ignore[return-value]
+
     @property
     def dim(self) -> int:
         return int(self.J.shape[1])
@@ -145,6 +203,30 @@ class Factored:
         """m, the number of rows of J (an upper bound on the rank of J^T H J)."""
         return int(self.J.shape[0])
 
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """A x in O(mN + m^2), never forming A."""
+        return self.J.T @ (self.H @ (self.J @ x)) + self.damping * x
+
+    def dense(self) -> np.ndarray:
+        """J^T H J + damping I as N x N (O(m N^2) work, N^2 memory), exactly symmetric."""
+        j = np.asarray(self.J, dtype=np.float64)
+        a = j.T @ (np.asarray(self.H, dtype=np.float64) @ j)
+        a = 0.5 * (a + a.T)
+        a[np.diag_indices_from(a)] += self.damping
+        return a
+
+    def damped(self, damping: float) -> Factored:
+        return Factored.trusted(self.J, self.H, self.damping + damping)
+
+    def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
+        return _symmetric(np.asarray(self.H), rtol)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"J": self.J, "H": self.H}
+
+    def params(self) -> dict[str, float]:
+        return {"damping": self.damping}
+
 
 @dataclass(frozen=True, eq=False)
 class Diagonal:
@@ -152,36 +234,71 @@ class Diagonal:
 
     diag: np.ndarray
 
+    form: ClassVar[str] = "diagonal"
+    array_names: ClassVar[tuple[str, ...]] = ("diag",)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "diag", as_float_array(self.diag, "Diagonal.diag", 1))
+
+    @classmethod
+    def trusted(cls, diag: np.ndarray) -> Diagonal:
+        """No checks: ``diag`` is derived from a validated drift (see ``_trusted``)."""
+        return _trusted(cls, diag=diag)  # type: ignore[return-value]
 
     @property
     def dim(self) -> int:
         return int(self.diag.shape[0])
 
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return self.diag * x
+
+    def dense(self) -> np.ndarray:
+        return np.diag(np.asarray(self.diag, dtype=np.float64))
+
+    def damped(self, damping: float) -> Diagonal:
+        return Diagonal.trusted(self.diag + damping)
+
+    def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
+        return True
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"diag": self.diag}
+
+    def params(self) -> dict[str, float]:
+        return {}
+
 
 Drift = Dense | Factored | Diagonal
-DRIFT_FORMS: tuple[str, ...] = ("dense", "factored", "diagonal")
+DRIFT_CLASSES: dict[str, type] = {"dense": Dense, "factored": Factored, "diagonal": Diagonal}
+DRIFT_FORMS: tuple[str, ...] = tuple(DRIFT_CLASSES)
 
 
 def drift_form(drift: Drift) -> str:
     """The wire name of a drift description's form."""
-    if isinstance(drift, Dense):
-        return "dense"
-    if isinstance(drift, Factored):
-        return "factored"
-    if isinstance(drift, Diagonal):
-        return "diagonal"
-    raise InvalidInputError(f"not a drift description: {type(drift).__name__} "
-                            "(expected Dense, Factored or Diagonal)")
+    form = getattr(type(drift), "form", None)
+    if DRIFT_CLASSES.get(form) is not type(drift):
+        raise InvalidInputError(f"not a drift description: {type(drift).__name__} "
+                                "(expected Dense, Factored or Diagonal)")
+    return form
+
+
+def drift_from_arrays(form: object, arrays: Mapping[str, np.ndarray], params: Mapping[str, object] | None = None,
+                      *, where: str = "drift") -> Drift:
+    """Rebuild a drift from its form name, its named arrays and its scalars (``arrays()``,
+    ``params()``), validating like the constructors. Errors name ``where``."""
+    cls = DRIFT_CLASSES.get(form) if isinstance(form, str) else None
+    if cls is None:
+        raise InvalidInputError(f"{where}: unknown drift form {form!r} (known: {', '.join(DRIFT_FORMS)})")
+    missing = [k for k in cls.array_names if k not in arrays]
+    if missing:
+        raise InvalidInputError(f"{where}: a {form} drift needs the array {missing[0]!r}")
+    kwargs: dict[str, object] = {k: arrays[k] for k in cls.array_names}
+    if cls is Factored:
+        kwargs["damping"] = (params or {}).get("damping", 0.0)
+    return cls(**kwargs)
 
 
 def drift_matvec(drift: Drift, x: np.ndarray) -> np.ndarray:
-    """A @ x without forming A (O(mN + m^2) for Factored). For checks and host-side residuals."""
-    if isinstance(drift, Dense):
-        return drift.matrix @ x
-    if isinstance(drift, Diagonal):
-        return drift.diag * x
-    if isinstance(drift, Factored):
-        return drift.J.T @ (drift.H @ (drift.J @ x)) + drift.damping * x
-    raise InvalidInputError(f"not a drift description: {type(drift).__name__}")
+    """A @ x without forming A (O(mN + m^2) for Factored): ``drift.matvec(x)``."""
+    drift_form(drift)
+    return drift.matvec(x)
