@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from harness import rss_mb, start_server, stats_us, write_json  # noqa: E402
 
 from host.client import DeviceClient  # noqa: E402
-from protocol import Diagonal, Factored, RunResult  # noqa: E402
+from protocol import DRIFT_FORMS, Capabilities, Device, Diagonal, Factored, RunResult  # noqa: E402
 from protocol.codec import encode, reply_header, request_header, result_to_wire  # noqa: E402
 from protocol.drift import Dense, Drift  # noqa: E402
 
@@ -65,8 +65,9 @@ RECV_TIMEOUT_MS = 60_000
 # -- servers (run in subprocesses) ---------------------------------------------------------------------
 
 
-class NullDevice:
-    """A Device that does no physics: isolates the protocol's cost."""
+class NullDevice(Device):
+    """A Device that does no physics: isolates the protocol's cost (the optional members keep
+    ``Device``'s defaults, which raise UnsupportedError)."""
 
     def __init__(self) -> None:
         self._state = np.zeros(0)
@@ -74,6 +75,13 @@ class NullDevice:
 
     def info(self) -> dict[str, Any]:
         return {"backend": "null", "cells": 1 << 20}
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(backend="null", cells=1 << 20, dynamics="overdamped", drift_forms=DRIFT_FORMS,
+                            tau_s=1e-6, max_duration=1e7, sample_interval=0.1)
+
+    def status(self) -> dict[str, Any]:
+        return {}
 
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
         if self._state.shape[0] != drift.dim:

@@ -1,7 +1,8 @@
 """The digital side: connect to a device and train with TNGD.
 
 ``connect(address, seed)`` returns a ``protocol.Device``; the drift descriptions are re-exported.
-``TNGD`` (NumPy) and its digital baselines live here; the PyTorch optimizer is
+``TNGD`` (NumPy) and its digital baselines live here; ``TNGDCore``/``TNGDState`` are the step it
+is built on, over explicit state (``host.tngd_core``). The PyTorch optimizer is
 ``host.torch_optimizer.TNGDOptimizer`` (needs the ``torch`` extra, so it is not imported here).
 """
 
@@ -11,6 +12,7 @@ from .baselines import NGDCG, SGD, Adam, ExactNGD
 from .connect import connect
 from .linalg import LinalgResult, inverse, solve
 from .tngd import TNGD, LevenbergMarquardt
+from .tngd_core import TNGDCore, TNGDState
 
 __all__ = ["Dense", "Diagonal", "Factored", "LinalgResult", "connect", "inverse", "solve",
-           "TNGD", "LevenbergMarquardt", "ExactNGD", "NGDCG", "SGD", "Adam"]
+           "TNGD", "TNGDCore", "TNGDState", "LevenbergMarquardt", "ExactNGD", "NGDCG", "SGD", "Adam"]

@@ -15,27 +15,26 @@ baseline without other changes. ``curvature`` is a drift description (``Factored
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
-from protocol.drift import Dense, Diagonal, Drift, Factored, drift_matvec
-from protocol.errors import InvalidInputError
+from protocol.drift import Drift, drift_form
+from protocol.errors import InvalidInputError, NonFiniteError
 
 
 def damped(curvature: Drift, damping: float) -> Drift:
-    """The drift G + damping I for a curvature G given as any drift form."""
+    """The drift G + damping I for a curvature G given as any drift form (``curvature.damped``,
+    after checking ``damping``: the arrays are the validated curvature's, not scanned again)."""
     if damping < 0.0:
         raise InvalidInputError(f"damping must be >= 0, got {damping}")
-    if isinstance(curvature, Factored):
-        return Factored(curvature.J, curvature.H, curvature.damping + damping)
-    if isinstance(curvature, Dense):
-        return Dense(curvature.matrix + damping * np.eye(curvature.dim))
-    if isinstance(curvature, Diagonal):
-        return Diagonal(curvature.diag + damping)
-    raise InvalidInputError(f"not a drift description: {type(curvature).__name__}")
+    if not math.isfinite(damping):
+        raise NonFiniteError(f"damping must be finite, got {damping}")
+    drift_form(curvature)  # InvalidInputError for anything that is not a drift description
+    return curvature.damped(damping)
 
 
 def natural_direction(grad: np.ndarray, drift: Drift, method: str = "auto") -> np.ndarray:
@@ -45,9 +44,10 @@ def natural_direction(grad: np.ndarray, drift: Drift, method: str = "auto") -> n
     O(N^2) memory, for tests), "woodbury" (Factored only).
     """
     g = np.asarray(grad, dtype=np.float64)
-    if isinstance(drift, Diagonal):
+    form = drift_form(drift)
+    if form == "diagonal":
         return g / drift.diag
-    if isinstance(drift, Factored) and method in ("auto", "woodbury"):
+    if form == "factored" and method in ("auto", "woodbury"):
         # Push-through form of Woodbury: (lam I + J^T H J)^-1 = (I - J^T H (lam I + J J^T H)^-1 J) / lam.
         # lam I + K H (K = J J^T) has the eigenvalues of lam I + H^1/2 K H^1/2, all >= lam, so the
         # m x m LU solve is safe for a singular H (softmax blocks) and needs no square root of H.
@@ -60,11 +60,7 @@ def natural_direction(grad: np.ndarray, drift: Drift, method: str = "auto") -> n
         return (g - j.T @ (h @ np.linalg.solve(small, j @ g))) / lam
     if method == "woodbury":
         raise InvalidInputError("woodbury applies to Factored curvature only")
-    if isinstance(drift, Factored):
-        a = drift.J.T @ drift.H @ drift.J
-        a[np.diag_indices_from(a)] += drift.damping
-    else:
-        a = drift.matrix
+    a = drift.dense()
     c = scipy.linalg.cho_factor(0.5 * (a + a.T), lower=True)
     return scipy.linalg.cho_solve(c, g)
 
@@ -148,8 +144,7 @@ class NGDCG:
         drift = damped(curvature, self.damping)
         g = np.asarray(grad, dtype=np.float64)
         n = g.shape[0]
-        op = scipy.sparse.linalg.LinearOperator((n, n), matvec=lambda v: drift_matvec(drift, v),
-                                                dtype=np.float64)
+        op = scipy.sparse.linalg.LinearOperator((n, n), matvec=drift.matvec, dtype=np.float64)
         count = [0]
 
         def _count(_x: np.ndarray) -> None:

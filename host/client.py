@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from protocol.capabilities import Capabilities
 from protocol.codec import (
     Message,
     decode,
@@ -47,7 +48,7 @@ from protocol.codec import (
     result_from_wire,
     send,
 )
-from protocol.device import DeviceSnapshot, RunResult
+from protocol.device import Device, DeviceSnapshot, RunResult
 from protocol.drift import Drift
 from protocol.errors import (
     DeviceError,
@@ -68,8 +69,9 @@ log = logging.getLogger("host.client")
 _REPLY_LIMITS = Limits(max_message_bytes=1 << 40, max_dimension=1 << 40, max_header_bytes=16 << 20)
 
 
-class DeviceClient:
-    """A remote device.
+class DeviceClient(Device):
+    """A remote device: implements ``protocol.Device`` (declared by subclassing it), the optional
+    members included; a backend without one answers ``unsupported`` (UnsupportedError here).
 
     Args:
         address: "tcp://host:port" or "ipc://path" of a ``thermo-device serve`` daemon.
@@ -134,6 +136,10 @@ class DeviceClient:
         info["remote"] = {"address": self.address, "instance": self.instance, "session": self._session,
                           "protocol": self.daemon.get("protocol"), "versions": self.daemon.get("versions")}
         return info
+
+    def capabilities(self) -> Capabilities:
+        """The backend's declared capabilities (one ``info`` round trip)."""
+        return Capabilities.from_info(self.info())
 
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
         spec, arrays = _drift_args(drift, bias)
@@ -205,14 +211,6 @@ class DeviceClient:
         finally:
             self._close_socket()
 
-    # -- beyond the Device interface -------------------------------------------------------------------
-
-    def ping(self) -> float:
-        """Round-trip time of a ping, in seconds (answered even while a long run is going on)."""
-        t0 = time.perf_counter()
-        self._call(Op.PING, session=False)
-        return time.perf_counter() - t0
-
     def status(self) -> dict[str, Any]:
         """Daemon telemetry, with this session's counters under "session_status"."""
         return dict(self._call(Op.STATUS).header["result"])
@@ -220,6 +218,14 @@ class DeviceClient:
     def calibrate(self, **options: Any) -> dict[str, Any]:
         """Run the device's calibration (raises UnsupportedError on backends without one)."""
         return dict(self._call(Op.CALIBRATE, plain(options), mutating=True).header["result"])
+
+    # -- beyond the Device interface -------------------------------------------------------------------
+
+    def ping(self) -> float:
+        """Round-trip time of a ping, in seconds (answered even while a long run is going on)."""
+        t0 = time.perf_counter()
+        self._call(Op.PING, session=False)
+        return time.perf_counter() - t0
 
     @property
     def session(self) -> str | None:

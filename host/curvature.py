@@ -26,12 +26,12 @@ Python loop over samples. torch is imported lazily: the NumPy part needs only Nu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.drift import Factored
+from protocol.drift import Factored, as_finite_scalar
 from protocol.errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,14 +50,25 @@ class Curvature:
     grad: np.ndarray
     loss: float
     outputs: np.ndarray
+    # Factored(J, H, 0), built (so J and H scanned for NaN/Inf) at the first drift() call only
+    _undamped: Factored | None = field(default=None, init=False, repr=False, compare=False)
 
     def drift(self, damping: float = 0.0) -> Factored:
-        """The curvature as a drift description, A = J^T H J + damping I."""
-        return Factored(self.J, self.H, damping)
+        """The curvature as a drift description, A = J^T H J + damping I.
+
+        J and H come from a model and may hold NaN (a diverging run): they are checked once per
+        Curvature, at the first call (NonFiniteError then, and at every call while they are bad);
+        later calls reuse the checked arrays.
+        """
+        base = self._undamped
+        if base is None:
+            base = Factored(self.J, self.H, 0.0)
+            object.__setattr__(self, "_undamped", base)
+        return Factored.trusted(base.J, base.H, as_finite_scalar(damping, "Factored.damping", minimum=0.0))
 
     def dense(self) -> np.ndarray:
-        """J^T H J as an N x N matrix: for tests and small N only."""
-        return self.J.T @ self.H @ self.J
+        """J^T H J as an N x N matrix (exactly symmetric): for tests and small N only."""
+        return self.drift().dense()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

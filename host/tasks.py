@@ -105,8 +105,8 @@ class _Curvature(Stepper):
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = float(self.opt.step(model, x, y))
         if isinstance(self.opt, TNGDOptimizer):
-            self.emulator_s = self.opt.engine.last.device_wall_s
-            self.analog_s = self.opt.engine.last.analog_time_s
+            self.emulator_s = self.opt.last.device_wall_s
+            self.analog_s = self.opt.last.analog_time_s
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,62 +24,26 @@ Where the device starts each solve (``init``):
 Readout: ``burn_in`` = 0 averages the whole run; ``burn_in`` = ``analog_time`` reads one snapshot
 of the final state. With long t and no noise x_bar -> (G + lambda I)^-1 g, the exact natural
 gradient (tested to 1e-6 against ``host.baselines.ExactNGD``).
+
+The solve and the Levenberg-Marquardt rule live in ``host.tngd_core`` over an explicit state;
+``TNGD`` adds the digital update and keeps that state for its caller.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
 from protocol.device import Device
-from protocol.drift import Drift, drift_matvec
+from protocol.drift import Drift
 from protocol.errors import InvalidInputError
 
-from .adapt import DriftAdapter, device_capabilities
-from .baselines import SGD, Adam, damped
+from .adapt import DriftAdapter
+from .baselines import SGD, Adam
+from .tngd_core import INITS, LevenbergMarquardt, StepStats, TNGDCore, TNGDState
 
-INITS = ("warm", "grad", "reset")
-
-
-@dataclass
-class StepStats:
-    """What the last step cost: analog time on the device and host wall time around the call."""
-
-    analog_time_s: float = 0.0
-    device_wall_s: float = 0.0
-    damping: float = 0.0
-
-
-@dataclass
-class LevenbergMarquardt:
-    """Levenberg-Marquardt damping schedule (TNGD App. A; Martens 2010 constants).
-
-    rho = (l(theta + delta) - l(theta)) / (q(delta) - q(0)), q(p) = g^T p + p^T G p / 2 with the
-    undamped curvature G. rho > a (the model is trusted): lambda *= alpha; rho < 1 - a:
-    lambda /= alpha. alpha < 1 so that trust shrinks the damping.
-    """
-
-    a: float = 0.75
-    alpha: float = 2.0 / 3.0
-    minimum: float = 1e-6
-    maximum: float = 1e3
-
-    def __post_init__(self) -> None:
-        if not 0.5 < self.a < 1.0 or not 0.0 < self.alpha < 1.0:
-            raise InvalidInputError("LevenbergMarquardt needs 0.5 < a < 1 and 0 < alpha < 1")
-
-    def update(self, damping: float, loss_before: float, loss_after: float, grad: np.ndarray,
-               delta: np.ndarray, curvature: Drift) -> tuple[float, float]:
-        """(new damping, rho)."""
-        predicted = float(grad @ delta + 0.5 * delta @ drift_matvec(curvature, delta))
-        rho = (loss_after - loss_before) / predicted if predicted < 0.0 else -np.inf
-        if rho > self.a:
-            damping *= self.alpha
-        elif rho < 1.0 - self.a:
-            damping /= self.alpha
-        return float(np.clip(damping, self.minimum, self.maximum)), float(rho)
+__all__ = ["INITS", "TNGD", "LevenbergMarquardt", "StepStats"]
 
 
 class TNGD:
@@ -96,57 +60,90 @@ class TNGD:
         optimizer: "sgd" (theta -= lr * v, v = momentum * v + x_bar) or "adam" (TNGD-Adam).
         momentum, betas, eps: of the digital optimizer x_bar is fed to.
         lm: a ``LevenbergMarquardt`` schedule for lambda; call ``adapt_damping`` after a step.
+
+    ``engine`` is the ``TNGDCore`` that solves, ``state`` its ``TNGDState`` (steps, damping, the
+    last step for LM); ``inner`` the digital optimizer (its ``lr`` follows ``self.lr``).
     """
 
     def __init__(self, device: Device, lr: float, analog_time: float, damping: float,
                  delay: float = 0.0, burn_in: float = 0.0, *, init: str = "warm", optimizer: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lm: LevenbergMarquardt | None = None) -> None:
-        if init not in INITS:
-            raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
-        if not 0.0 <= burn_in <= analog_time:
-            raise InvalidInputError(f"burn_in ({burn_in}) must lie in [0, analog_time = {analog_time}]")
-        if damping < 0.0 or delay < 0.0 or lr <= 0.0:
-            raise InvalidInputError("need lr > 0, damping >= 0 and delay >= 0")
+        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm)
+        if lr <= 0.0:
+            raise InvalidInputError(f"lr must be > 0, got {lr}")
         if optimizer == "sgd":
             self.inner: SGD | Adam = SGD(lr, momentum)
         elif optimizer == "adam":
             self.inner = Adam(lr, betas, eps)
         else:
             raise InvalidInputError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        self.device = device
+        self.state: TNGDState = self.engine.init(damping)
         self.lr = lr
-        self.analog_time = float(analog_time)
-        self.damping = float(damping)
-        self.delay = float(delay)
-        self.burn_in = float(burn_in)
-        self.init = init
-        self.lm = lm
-        self.steps = 0
-        self.last = StepStats()
-        self._last_step: tuple[np.ndarray, np.ndarray, Drift] | None = None
-        # what the device declares (cells, drift forms): curvature is converted to fit, or refused early
-        self.adapt = DriftAdapter(device_capabilities(device))
+
+    # the solve settings are the engine's; read them here as before
+    @property
+    def device(self) -> Device:
+        return self.engine.device
+
+    @property
+    def analog_time(self) -> float:
+        return self.engine.analog_time
+
+    @property
+    def delay(self) -> float:
+        return self.engine.delay
+
+    @property
+    def burn_in(self) -> float:
+        return self.engine.burn_in
+
+    @property
+    def init(self) -> str:
+        return self.engine.init_mode
+
+    @property
+    def lm(self) -> LevenbergMarquardt | None:
+        return self.engine.lm
+
+    @property
+    def adapt(self) -> DriftAdapter:
+        return self.engine.adapt
+
+    @property
+    def damping(self) -> float:
+        """lambda for the next step (``adapt_damping`` moves it)."""
+        return self.state.damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.state = replace(self.state, damping=float(value))
+
+    @property
+    def steps(self) -> int:
+        """Device solves so far."""
+        return self.state.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.state = replace(self.state, steps=int(value))
+
+    @property
+    def last(self) -> StepStats:
+        """What the last step cost."""
+        return self.state.stats
 
     def direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
         """x_bar: the device's estimate of (curvature + damping I)^-1 grad for this step."""
-        g = np.asarray(grad, dtype=np.float64)
-        drift = self.adapt(damped(curvature, self.damping))
-        if self.init == "grad" or (self.init == "warm" and self.steps == 0):
-            self.device.state = g
-        t0 = time.perf_counter()
-        res = self.device.step(drift, g, self.analog_time, burn_in=self.burn_in,
-                               delay=self.delay if self.steps else 0.0, reset=self.init == "reset")
-        self.last = StepStats(res.analog_time_s, time.perf_counter() - t0, self.damping)
-        self.steps += 1
-        return np.asarray(res.mean, dtype=np.float64)
+        x_bar, self.state = self.engine.solve(self.state, grad, curvature)
+        return x_bar
 
     def step(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
         """delta (theta_new = theta + delta) for the gradient and undamped curvature at theta."""
         x_bar = self.direction(grad, curvature)
         self.inner.lr = self.lr
         delta = self.inner.update(x_bar)
-        self._last_step = (np.asarray(grad, dtype=np.float64), delta, curvature)
+        self.state = self.engine.record(self.state, grad, delta, curvature)
         return delta
 
     def adapt_damping(self, loss_before: float, loss_after: float) -> float:
@@ -154,10 +151,5 @@ class TNGD:
 
         Returns rho. Costs one curvature-vector product (no extra device run).
         """
-        if self.lm is None:
-            raise InvalidInputError("adapt_damping needs TNGD(..., lm=LevenbergMarquardt())")
-        if self._last_step is None:
-            raise InvalidInputError("adapt_damping before any step")
-        grad, delta, curvature = self._last_step
-        self.damping, rho = self.lm.update(self.damping, loss_before, loss_after, grad, delta, curvature)
+        self.state, rho = self.engine.lm_update(self.state, loss_before, loss_after)
         return rho

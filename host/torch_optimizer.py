@@ -20,6 +20,9 @@ inner optimizer's state, the step count, the (possibly adapted) damping, and the
 state, which is restored into the device before the next solve (the warm start survives a
 checkpoint). The natural gradient couples all parameters, so one device solve covers every
 group; ``analog_time``, ``damping``, ``delay``, ``burn_in`` are therefore optimizer-wide.
+
+The device solve and the Levenberg-Marquardt rule are ``host.tngd_core``'s, the same code
+``host.TNGD`` runs; this module adds torch's digital update and torch's checkpoint format.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ import torch
 
 from protocol.device import Device, DeviceSnapshot
 from protocol.drift import Drift
-from protocol.errors import InvalidInputError, UnsupportedError
+from protocol.errors import InvalidInputError
 
 from .baselines import NGDCG, ExactNGD
-from .curvature import Curvature, torch_curvature
-from .tngd import TNGD, LevenbergMarquardt
+from .curvature import Curvature, loss_value, torch_curvature
+from .tngd_core import DeviceCheckpoint, LevenbergMarquardt, StepStats, TNGDCore, TNGDState
 
 _INNER_KEYS = {"sgd": ("lr", "momentum", "weight_decay", "nesterov", "dampening"),
                "adam": ("lr", "betas", "eps", "weight_decay", "amsgrad")}
@@ -64,6 +67,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.loss = loss
         self.kind = kind
         self.last_curvature: Curvature | None = None
+        self.last_drift: Drift | None = None  # last_curvature as the undamped drift the solve saw
         self.last_direction: np.ndarray | None = None  # the preconditioned gradient of the last step
 
     def _inner_hparams(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +101,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = self._managed(model)
         curv = torch_curvature(model, inputs, targets, self.loss, self.kind, params)
         self.last_curvature = curv
-        self.last_direction = self._direction(curv.grad, curv.drift(0.0))
+        # built once per step and kept (LM reuses it): each construction scans J for NaN
+        self.last_drift = curv.drift(0.0)
+        self.last_direction = self._direction(curv.grad, self.last_drift)
         self._apply(params, self.last_direction)
         return torch.tensor(curv.loss)
 
@@ -124,21 +130,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._load_extra_state(extra)
 
 
-def snapshot_to_torch(device: Device) -> dict[str, Any] | None:
-    """The device's snapshot in a form ``torch.load(weights_only=True)`` accepts; None when the
-    device cannot snapshot (then a checkpoint carries only the analog state: resuming continues
-    the warm start, with a new noise stream)."""
-    take = getattr(device, "snapshot", None)
-    if take is None:
-        return None
-    try:
-        snap = take()
-    except UnsupportedError:
+def snapshot_to_torch(snap: DeviceSnapshot | None) -> dict[str, Any] | None:
+    """A device snapshot in a form ``torch.load(weights_only=True)`` accepts (None stays None)."""
+    if snap is None:
         return None
     return {"meta": snap.meta, "arrays": {k: torch.from_numpy(np.array(v)) for k, v in snap.arrays.items()}}
 
 
 def snapshot_from_torch(d: dict[str, Any] | None) -> DeviceSnapshot | None:
+    """The inverse of ``snapshot_to_torch``."""
     if d is None:
         return None
     return DeviceSnapshot(dict(d["meta"]), {k: v.detach().cpu().numpy() for k, v in d["arrays"].items()})
@@ -156,6 +156,9 @@ class TNGDOptimizer(CurvatureOptimizer):
         kind: "ggn" or "empirical" (Fisher).
         lm: optional ``LevenbergMarquardt``; then call ``adapt_damping(model, inputs, targets)``
             after ``step`` (one extra forward pass).
+
+    ``engine`` is the ``TNGDCore`` that solves (``engine.device`` the device) and ``tngd_state``
+    its ``TNGDState``: together with ``inner``'s state that is what ``state_dict`` saves.
     """
 
     def __init__(self, params: Any, device: Device, lr: float = 0.01, analog_time: float = 50.0,
@@ -165,61 +168,62 @@ class TNGDOptimizer(CurvatureOptimizer):
                  lm: LevenbergMarquardt | None = None) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)
-        self.engine = TNGD(device, lr, analog_time, damping, delay, burn_in, init=init, lm=lm)
-        self._pending_state: np.ndarray | None = None
-        self._pending_snapshot: DeviceSnapshot | None = None
-        self._last: tuple[np.ndarray, np.ndarray, Drift, float] | None = None
+        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm)
+        if lr <= 0.0:
+            raise InvalidInputError(f"lr must be > 0, got {lr}")
+        self.tngd_state: TNGDState = self.engine.init(damping)
 
     def _direction(self, grad: np.ndarray, curvature: Drift) -> np.ndarray:
-        if self._pending_snapshot is not None:  # restored from a checkpoint: the whole device, noise too
-            self.engine.device.restore(self._pending_snapshot)  # type: ignore[attr-defined]
-            self._pending_snapshot = self._pending_state = None
-        if self._pending_state is not None:  # at least the warm start
-            self.engine.device.state = self._pending_state
-            self._pending_state = None
-        return self.engine.direction(grad, curvature)
+        x_bar, self.tngd_state = self.engine.solve(self.tngd_state, grad, curvature)
+        return x_bar
 
     def step(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.engine.lm is None:  # only the LM rule needs the step taken
+            return super().step(model, inputs, targets)
         params = self._managed(model)
         before = {n: p.detach().clone() for n, p in params.items()}
         loss = super().step(model, inputs, targets)
+        # the step torch's SGD/Adam took, weight decay and momentum included
         delta = np.concatenate([(p.detach() - before[n]).reshape(-1).to(torch.float64).cpu().numpy()
                                 for n, p in params.items()])
-        curv = self.last_curvature
-        assert curv is not None
-        self._last = (curv.grad, delta, curv.drift(0.0), curv.loss)
+        curv, drift = self.last_curvature, self.last_drift
+        assert curv is not None and drift is not None
+        self.tngd_state = self.engine.record(self.tngd_state, curv.grad, delta, drift, curv.loss)
         return loss
 
     @torch.no_grad()
     def adapt_damping(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Levenberg-Marquardt update of lambda after ``step`` on the same batch; returns rho."""
-        if self.engine.lm is None or self._last is None:
-            raise InvalidInputError("adapt_damping needs lm=LevenbergMarquardt() and a step first")
-        from .curvature import loss_value
-
+        self.engine.lm_ready(self.tngd_state)  # refuse before spending a forward pass
         out = model(inputs).detach().to(torch.float64).cpu().numpy()
         after = loss_value(out, targets.cpu().numpy(), self.loss)
-        grad, delta, curvature, before = self._last
-        self.engine.damping, rho = self.engine.lm.update(self.engine.damping, before, after, grad, delta,
-                                                         curvature)
+        self.tngd_state, rho = self.engine.lm_update(self.tngd_state, None, after)
         return rho
 
     @property
     def damping(self) -> float:
-        return self.engine.damping
+        """lambda for the next step (``adapt_damping`` moves it)."""
+        return self.tngd_state.damping
+
+    @property
+    def last(self) -> StepStats:
+        """What the last device solve cost."""
+        return self.tngd_state.stats
 
     def _extra_state(self) -> dict[str, Any]:
-        state = self.engine.device.state if self.engine.steps else np.zeros(0)
-        return {"steps": self.engine.steps, "damping": self.engine.damping,
+        saved = self.engine.capture(self.tngd_state)
+        dev = saved.pending or DeviceCheckpoint()
+        state = np.zeros(0) if dev.state is None else dev.state
+        return {"steps": saved.steps, "damping": saved.damping,
                 "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64)),
-                "device_snapshot": snapshot_to_torch(self.engine.device) if self.engine.steps else None}
+                "device_snapshot": snapshot_to_torch(dev.snapshot)}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.engine.steps = int(extra["steps"])
-        self.engine.damping = float(extra["damping"])
         st = extra["device_state"].detach().cpu().numpy().astype(np.float64)
-        self._pending_state = st if st.size else None
-        self._pending_snapshot = snapshot_from_torch(extra.get("device_snapshot"))
+        pending = DeviceCheckpoint(st if st.size else None, snapshot_from_torch(extra.get("device_snapshot")))
+        has = pending.state is not None or pending.snapshot is not None
+        self.tngd_state = TNGDState(steps=int(extra["steps"]), damping=float(extra["damping"]),
+                                    pending=pending if has else None)
 
 
 class NGDOptimizer(CurvatureOptimizer):

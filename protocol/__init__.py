@@ -28,12 +28,14 @@ from .errors import (
     VersionError,
 )
 from .messages import PROTOCOL_VERSION, Limits, Op
+from .run_args import MAX_RETURNED_SAMPLES, check_run_args
 
 __all__ = [
     "DRIFT_FORMS", "CapacityError", "Dense", "Device", "DeviceError", "Diagonal", "Drift",
     "ErrorCode", "Factored", "InvalidInputError", "NonFiniteError", "NotProgrammedError",
     "NotStableError", "ProfileError", "RunResult", "DeviceSnapshot", "ShapeError", "UnsupportedError",
     "drift_form", "drift_matvec", "BACKEND_INTERFACE_VERSION", "Capabilities",
+    "MAX_RETURNED_SAMPLES", "check_run_args",
     # the wire (protocol.codec holds the codec; it imports pyzmq, so it is not imported here)
     "PROTOCOL_VERSION", "AuthenticationError", "BusyError", "DeviceTimeoutError", "Limits", "Op", "ProtocolError",
     "StaleRequestError", "TooLargeError", "UnknownOperationError", "UnknownSessionError", "VersionError",

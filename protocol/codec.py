@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from .device import RunResult
-from .drift import Dense, Diagonal, Drift, Factored, drift_form
+from .drift import DRIFT_CLASSES, Drift, drift_form, drift_from_arrays
 from .errors import (
     DeviceError,
     ErrorCode,
@@ -315,36 +315,28 @@ def error_from_payload(error: Any) -> DeviceError:
 
 
 def drift_to_wire(drift: Drift) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(args["drift"], arrays) for a drift description."""
-    form = drift_form(drift)
-    if isinstance(drift, Dense):
-        return {"form": form}, {"matrix": drift.matrix}
-    if isinstance(drift, Factored):
-        return {"form": form, "damping": drift.damping}, {"J": drift.J, "H": drift.H}
-    return {"form": form}, {"diag": drift.diag}
+    """(args["drift"], arrays) for a drift description: its form, its scalars, its named arrays.
+
+    The drift was validated when it was built: nothing is scanned here.
+    """
+    return {"form": drift_form(drift), **drift.params()}, dict(drift.arrays())
 
 
 def drift_from_wire(spec: Any, arrays: Mapping[str, np.ndarray]) -> Drift:
-    """Rebuild a drift; the constructors check shapes and finiteness (typed errors)."""
+    """Rebuild a drift; ``drift_from_arrays`` checks shapes and finiteness (typed errors).
+
+    ``decode`` does not scan array values, so this is the one NaN/Inf scan of a received drift.
+    """
     if not isinstance(spec, Mapping):
         raise InvalidInputError(f"args.drift must be a map, got {type(spec).__name__}")
     form = spec.get("form")
-
-    def need(name: str) -> np.ndarray:
-        if name not in arrays:
-            raise InvalidInputError(f"{form} drift needs the array {name!r}")
-        return arrays[name]
-
-    if form == "dense":
-        return Dense(need("matrix"))
-    if form == "factored":
-        damping = spec.get("damping", 0.0)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            raise InvalidInputError(f"factored drift: damping must be a number, got {damping!r}")
-        return Factored(need("J"), need("H"), damping)
-    if form == "diagonal":
-        return Diagonal(need("diag"))
-    raise InvalidInputError(f"unknown drift form {form!r} (expected dense, factored or diagonal)")
+    cls = DRIFT_CLASSES.get(form) if isinstance(form, str) else None
+    params = {k: spec[k] for k in (cls.param_names if cls is not None else ()) if k in spec}
+    for name, value in params.items():
+        # msgpack numbers only: float() would also take "5" or true
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"{form} drift: {name} must be a number, got {value!r}")
+    return drift_from_arrays(form, arrays, params, where="args.drift")
 
 
 def result_to_wire(r: RunResult) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -3,6 +3,10 @@
 The in-process emulator, the socket client to a daemon and a real-hardware backend all satisfy
 ``Device``. A host that only uses these members runs unchanged on each of them.
 
+Every member is declared, the optional ones too (``calibrate``, ``snapshot``, ``restore``): a
+device that lacks the feature still has the method, and it raises ``UnsupportedError``. So a host
+or the daemon calls them and catches that error; nobody looks for a member with ``getattr``.
+
 Units: durations are in device time constants tau (RC). ``RunResult.analog_time_s`` converts
 the analog time a run took into seconds on the device's declared tau.
 """
@@ -14,7 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .capabilities import Capabilities
 from .drift import Drift
+from .errors import UnsupportedError
 
 
 def pcg64_to_plain(state: dict[str, Any]) -> dict[str, Any]:
@@ -80,10 +86,22 @@ class DeviceSnapshot:
 
 @runtime_checkable
 class Device(Protocol):
-    """A stochastic processing unit, as a host sees it."""
+    """A stochastic processing unit, as a host sees it.
+
+    A class may subclass ``Device`` to declare that it implements it (``host.DeviceClient`` does);
+    it then inherits the optional members' defaults, which raise ``UnsupportedError``.
+    """
 
     def info(self) -> dict[str, Any]:
         """Capabilities: cells, dynamics, drift forms, limits, tau, versions."""
+        ...
+
+    def capabilities(self) -> Capabilities:
+        """The immutable description (``info()["capabilities"]`` as a ``Capabilities``)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Time-varying health as plain data (temperature, counters, ...); may be empty."""
         ...
 
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
@@ -133,3 +151,20 @@ class Device(Protocol):
     def close(self) -> None:
         """Release the device (a no-op in-process; ends the session on a daemon)."""
         ...
+
+    # -- optional: raise UnsupportedError when the device does not support them ------------------
+
+    def calibrate(self, **options: Any) -> dict[str, Any]:
+        """Measure and correct static errors; a plain-data record. Raises UnsupportedError when the
+        device does not support it (``Capabilities.supports_calibration`` says which)."""
+        raise UnsupportedError("this device has no calibration")
+
+    def snapshot(self) -> DeviceSnapshot:
+        """The complete dynamic state (checkpoints, fail-over). Raises UnsupportedError when the
+        device does not support it."""
+        raise UnsupportedError("this device cannot snapshot its state")
+
+    def restore(self, snapshot: DeviceSnapshot) -> None:
+        """Continue from a ``snapshot`` of this device. Raises UnsupportedError when the device does
+        not support it; invalid input raises and changes nothing."""
+        raise UnsupportedError("this device cannot restore a snapshot")

@@ -130,6 +130,7 @@ class Dense:
 
     form: ClassVar[str] = "dense"
     array_names: ClassVar[tuple[str, ...]] = ("matrix",)
+    param_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         a = as_float_array(self.matrix, "Dense.matrix", 2)
@@ -178,6 +179,7 @@ class Factored:
 
     form: ClassVar[str] = "factored"
     array_names: ClassVar[tuple[str, ...]] = ("J", "H")
+    param_names: ClassVar[tuple[str, ...]] = ("damping",)
 
     def __post_init__(self) -> None:
         j = as_float_array(self.J, "Factored.J", 2)
@@ -236,6 +238,7 @@ class Diagonal:
 
     form: ClassVar[str] = "diagonal"
     array_names: ClassVar[tuple[str, ...]] = ("diag",)
+    param_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "diag", as_float_array(self.diag, "Diagonal.diag", 1))

@@ -8,8 +8,13 @@ A change that moves the random stream on purpose re-records the fixture and says
 from __future__ import annotations
 
 import json
+import re
 
 from tests.bits_cases import FIXTURE, record
+
+# A diagnostic that was a NumPy scalar and is now a Python number of the same value (the
+# recording used repr) is the same number.
+_NUMPY_SCALAR = re.compile(r"^np\.(?:float64|int64)\((.*)\)$")
 
 
 def _flatten(d, prefix=""):
@@ -17,7 +22,7 @@ def _flatten(d, prefix=""):
         if isinstance(v, dict):
             yield from _flatten(v, f"{prefix}{k}/")
         else:
-            yield f"{prefix}{k}", v
+            yield f"{prefix}{k}", _NUMPY_SCALAR.sub(r"\1", v) if isinstance(v, str) else v
 
 
 def test_every_profile_gives_the_recorded_bits():

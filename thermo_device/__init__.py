@@ -6,14 +6,13 @@ implementation (the emulator, board drivers, plugins) satisfies; ``Capabilities`
 Thermodynamic linear algebra on top of any device (``solve``, ``inverse``) lives in ``host.linalg``.
 """
 
-__version__ = "0.1.0"
+from protocol.capabilities import Capabilities
+from protocol.drift import Dense, Diagonal, Factored
 
-from protocol.capabilities import Capabilities  # noqa: E402
-from protocol.drift import Dense, Diagonal, Factored  # noqa: E402
-
-from .backend import Backend  # noqa: E402
-from .emulator import Emulator  # noqa: E402
-from .profile import Profile, load_profile  # noqa: E402
+from ._version import __version__  # one version string, dependency-free (pyproject reads it at build)
+from .backend import Backend
+from .emulator import Emulator
+from .profile import Profile, load_profile
 
 __all__ = ["Backend", "Capabilities", "Dense", "Diagonal", "Emulator", "Factored", "Profile", "__version__",
            "load_profile"]

@@ -24,24 +24,11 @@ import numpy as np
 
 from protocol.capabilities import BACKEND_INTERFACE_VERSION, Capabilities
 from protocol.device import DeviceSnapshot, RunResult
-from protocol.drift import Drift, as_finite_scalar, drift_form
-from protocol.errors import InvalidInputError, UnsupportedError
+from protocol.drift import Drift, drift_form
+from protocol.errors import UnsupportedError
+from protocol.run_args import check_run_args
 
-
-def check_run_args(duration: float, burn_in: float, delay: float, samples: int,
-                   max_duration: float) -> tuple[float, float, float, int]:
-    """``run``'s arguments checked the same way by every backend: (duration, burn_in, delay, samples)."""
-    duration = as_finite_scalar(duration, "duration", minimum=0.0)
-    burn_in = as_finite_scalar(burn_in, "burn_in", minimum=0.0)
-    delay = as_finite_scalar(delay, "delay", minimum=0.0)
-    if burn_in > duration:
-        raise InvalidInputError(f"burn_in ({burn_in}) must not exceed duration ({duration})")
-    if duration + delay > max_duration:
-        raise InvalidInputError(f"delay + duration = {duration + delay} tau exceeds the device's "
-                                f"max_duration {max_duration}")
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
-        raise InvalidInputError(f"samples must be an integer, got {samples!r}")
-    return duration, burn_in, delay, int(samples)
+__all__ = ["Backend", "check_run_args"]  # check_run_args: re-exported, it lives in protocol.run_args
 
 
 class Backend(ABC):

@@ -20,15 +20,34 @@ arrays would need direct access to each array's products, which the dynamics do 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from protocol.device import RunResult
 from protocol.drift import Dense, Drift
 from protocol.errors import CapacityError, InvalidInputError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .emulator import Emulator
+from .realization import ProgramReport, ProgramWork
+
+
+class ProbedDevice(Protocol):
+    """What the calibration controller uses of a device: public members only."""
+
+    @property
+    def cells(self) -> int: ...
+
+    @property
+    def device_time(self) -> float: ...
+
+    @property
+    def temperature_K(self) -> float: ...  # noqa: N802 - a unit suffix
+
+    def program_probe(self, drift: Drift, bias: np.ndarray) -> ProgramReport:
+        """Program without calibration, at range scale 1 and nearest rounding (known codes)."""
+        ...
+
+    def run(self, duration: float, *, burn_in: float = 0.0, reset: bool = False) -> RunResult: ...
 
 
 def reference_matrix(n: int) -> np.ndarray:
@@ -44,10 +63,10 @@ class Calibration:
     temperature_K: float
 
     def applies_to(self, drift: Drift) -> bool:
-        return isinstance(drift, Dense) and drift.dim == self.n
+        return drift.form == "dense" and drift.dim == self.n
 
     def predistort(self, drift: Dense) -> Dense:
-        return Dense(np.asarray(drift.matrix, dtype=np.float64) / self.gain)
+        return Dense.trusted(np.asarray(drift.matrix, dtype=np.float64) / self.gain)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,9 +79,9 @@ class Calibration:
         }
 
 
-def calibrate(emu: Emulator, n: int, *, duration: float, burn_in: float, probe: float) -> Calibration:
+def calibrate(device: ProbedDevice, n: int, *, duration: float, burn_in: float, probe: float) -> Calibration:
     """Probe the chip (see the module docstring). The caller restores its own state afterwards."""
-    cells = emu.profile.device.cells
+    cells = device.cells
     if not 1 <= n <= cells:
         raise CapacityError(f"calibrate: n = {n} is out of range [1, {cells}]")
     if not 0.0 < probe <= 1.0:
@@ -73,13 +92,32 @@ def calibrate(emu: Emulator, n: int, *, duration: float, burn_in: float, probe: 
         b = np.zeros(n)
         if k:
             b[k - 1] = probe
-        real = emu._program_physical(Dense(a_ref), b)  # noqa: SLF001 - the controller's own access
-        written.append(real.report["bias_written"][k - 1] if k else 0.0)
-        xs.append(emu.run(duration, burn_in=burn_in, reset=True).mean)
+        report = device.program_probe(Dense(a_ref), b)
+        written.append(report.bias_written[k - 1] if k else 0.0)
+        xs.append(device.run(duration, burn_in=burn_in, reset=True).mean)
         if k == 0:
-            q_ref = real.report["couplings_written"]
+            q_ref = report.couplings_written
     x0 = xs[0]
     y = np.stack(xs[1:], axis=1) - x0[:, None]
     m = np.diag(written[1:]) @ np.linalg.inv(y)
-    return Calibration(n=n, gain=m / q_ref, offset=m @ x0, device_time=emu._thermostat.time,  # noqa: SLF001
-                       temperature_K=emu._thermostat.temperature_K)  # noqa: SLF001
+    return Calibration(n=n, gain=m / q_ref, offset=m @ x0, device_time=device.device_time,
+                       temperature_K=device.temperature_K)
+
+
+# -- programming stages (``programming.STAGES``) -------------------------------------------------
+
+
+def predistort(work: ProgramWork) -> None:
+    """Stage: a Dense program of a calibrated size is written as A / G_hat."""
+    cal = work.calibration
+    if cal is not None and cal.applies_to(work.drift):
+        work.drift = cal.predistort(work.drift)
+        work.report.calibrated = True
+    else:
+        work.calibration = None
+
+
+def cancel_offset(work: ProgramWork) -> None:
+    """Stage: b - o_hat, before the bias DAC, when the program was pre-distorted."""
+    if work.calibration is not None:
+        work.bias = work.bias - work.calibration.offset

@@ -25,6 +25,8 @@ import numpy as np
 
 from protocol.capabilities import PRECISION_COND
 
+from .realization import ProgramWork
+
 
 def lsb(bits: int, full_scale: float) -> float:
     return 2.0 * full_scale / 2**bits
@@ -104,3 +106,28 @@ def converter_precision(*, cells: int, dac_bits: int, adc_bits: int, coupling_bi
         lsb_rel = 1.0 / max(2 ** (coupling_bits - 1) - 1, 1)
         coupling = 3.0 * cond * 2.0 * math.sqrt(cells) * lsb_rel / math.sqrt(12.0)
     return coupling + (cond * half_lsb(dac_bits) + half_lsb(adc_bits)) / headroom
+
+
+# -- programming stages (``programming.STAGES``) -------------------------------------------------
+
+
+def write_couplings(work: ProgramWork) -> None:
+    """Stage: every resistor array of the drift to its conductance codes (config [coupling]).
+
+    Arrays are written in the drift's own order (Factored: J, then H), which fixes the draws of
+    stochastic rounding. The damping of a Factored drift is a separate, unquantised conductance.
+    """
+    cfg = work.profile.coupling
+    rounding = work.rounding_coupling
+    codes = {name: quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, rounding, work.rng)
+             for name, a in work.drift.arrays().items()}
+    work.report.couplings_written = codes[work.drift.array_names[0]]
+    work.drift = type(work.drift).trusted(**codes, **work.drift.params())
+
+
+def write_bias(work: ProgramWork) -> None:
+    """Stage: the bias DAC (config [dac]): codes, clipping, and what was written."""
+    work.bias, clipped = quantize(work.bias, work.profile.dac.bits, work.profile.dac.full_scale,
+                                  work.rounding_dac, work.rng)
+    work.report.bias_written = work.bias
+    work.report.dac_clipped = clipped

@@ -38,13 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.drift import Dense, Diagonal, Drift, Factored, drift_form
+from protocol.drift import SYMMETRY_RTOL, Drift, as_float_array, drift_form
 from protocol.errors import CapacityError, InvalidInputError, NotStableError, ShapeError, UnsupportedError
 
 from .factored import factored_eigenbasis
-
-# Relative tolerance below which a dense matrix counts as symmetric (host round-off is ~1e-16).
-SYMMETRY_RTOL = 1e-10
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,8 +162,6 @@ def check_dimension(drift: Drift, bias: np.ndarray | None, cells: int) -> np.nda
         raise CapacityError(f"{form} drift has dimension {n}, the device has {cells} cells")
     if bias is None:
         return np.zeros(n)
-    from protocol.drift import as_float_array
-
     b = as_float_array(bias, "bias", 1)
     if b.shape[0] != n:
         raise ShapeError(f"bias: expected length {n} to match the drift, got {b.shape[0]}")
@@ -179,7 +174,7 @@ def _symmetric(a: np.ndarray) -> bool:
 
 
 def is_symmetric_drift(drift: Drift) -> bool:
-    return not isinstance(drift, Dense) or _symmetric(drift.matrix)
+    return drift.form != "dense" or _symmetric(drift.matrix)
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,13 +220,14 @@ def overdamped_system(drift: Drift, b: np.ndarray, cap: np.ndarray | None = None
     """
     n = drift.dim
     scale = None if cap is None else 1.0 / np.sqrt(cap)
-    if isinstance(drift, Diagonal):
+    form = drift_form(drift)
+    if form == "diagonal":
         d = np.ascontiguousarray(drift.diag, dtype=np.float64)
         if d.min() <= 0.0:
             raise NotStableError(f"Diagonal drift is not positive: smallest entry {d.min():.3g}")
         rates = d if cap is None else d / cap
         return ModalSystem(None, rates, None, np.zeros(n), n, scale).with_bias(b)
-    if isinstance(drift, Dense):
+    if form == "dense":
         a = np.asarray(drift.matrix, dtype=np.float64)
         if _symmetric(a):
             lam0 = np.linalg.eigvalsh(0.5 * (a + a.T)) if cap is not None else None
@@ -249,11 +245,9 @@ def overdamped_system(drift: Drift, b: np.ndarray, cap: np.ndarray | None = None
         f = np.ascontiguousarray(a if inv_c is None else inv_c[:, None] * a)
         d = 2.0 * (np.eye(n) if inv_c is None else np.diag(inv_c))
         return GeneralSystem(f, b, d, n, np.zeros(n), inv_c).with_bias(b)
-    if isinstance(drift, Factored):
-        if j_out is None and cap is None:
-            return _factored_system(drift, b)
-        return _factored_stepping_only(drift, b, j_out, cap)
-    raise InvalidInputError(f"not a drift description: {type(drift).__name__}")
+    if j_out is None and cap is None:
+        return _factored_system(drift, b)
+    return _factored_stepping_only(drift, b, j_out, cap)
 
 
 def _check_h(h: np.ndarray) -> np.ndarray:
@@ -267,7 +261,7 @@ def _check_h(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _factored_stepping_only(drift: Factored, b: np.ndarray, j_out: np.ndarray | None,
+def _factored_stepping_only(drift: Drift, b: np.ndarray, j_out: np.ndarray | None,
                             cap: np.ndarray | None) -> SteppingOnlySystem:
     j_in = np.asarray(drift.J, dtype=np.float64)
     j_o = j_in if j_out is None else np.asarray(j_out, dtype=np.float64)
@@ -285,7 +279,7 @@ def _factored_stepping_only(drift: Factored, b: np.ndarray, j_out: np.ndarray | 
     return SteppingOnlySystem(u, v, lam_d, b, reason, cap)
 
 
-def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
+def _factored_system(drift: Drift, b: np.ndarray) -> ModalSystem:
     j = np.asarray(drift.J, dtype=np.float64)
     lam_d = float(drift.damping)
     m, n = j.shape
@@ -310,10 +304,10 @@ def _factored_system(drift: Factored, b: np.ndarray) -> ModalSystem:
 
 def underdamped_system(drift: Drift, b: np.ndarray, inductance: float, resistance: float) -> GeneralSystem:
     """The RLC array as a 2N-dimensional linear SDE in z = [v, i] (see the module docstring)."""
-    if isinstance(drift, Factored):
+    if drift.form == "factored":
         raise UnsupportedError("the underdamped RLC array is programmed with a Dense or Diagonal "
                                "capacitance matrix, not a Factored one")
-    c_mat = np.diag(drift.diag) if isinstance(drift, Diagonal) else np.asarray(drift.matrix, dtype=np.float64)
+    c_mat = drift.dense()
     if not _symmetric(c_mat):
         raise NotStableError("the capacitance matrix of the RLC array must be symmetric")
     c_mat = 0.5 * (c_mat + c_mat.T)

@@ -14,49 +14,18 @@ with Phi and Q from the matrix exponential of the Van Loan block matrix [[F, D],
 gives wrong covariances for non-normal F. O(n^2) per sample after an O(n^3) set-up per step size.
 
 Gaussian noise is drawn in blocks with NumPy's Generator (about twice numba's in-kernel rate) and
-the whole time loop of a block runs inside a numba kernel.
+the whole time loop of a block runs inside a numba kernel. Both classes satisfy
+``propagator.Propagator``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 from numba import njit
 
 from .dynamics import GeneralSystem, ModalSystem
-
-NOISE_BLOCK_FLOATS = 1 << 20  # normals drawn per block (8 MiB of float64)
-
-
-@dataclass
-class WindowResult:
-    """Raw accumulations of a readout window, in the propagator's own coordinates."""
-
-    state: np.ndarray
-    total: np.ndarray  # sum of the n_adc readout vectors
-    samples: np.ndarray  # (K, width)
-    total_outer: np.ndarray | None  # sum of outer products, when asked
-
-
-def run_blocks(n_steps: int, width: int, rng: np.random.Generator | None,
-               advance: Callable[[np.ndarray, int], None]) -> None:
-    """Call ``advance(noise_block, first_step)`` over ``n_steps`` in bounded-memory blocks.
-
-    ``rng=None`` means a noiseless run: the kernels get an empty (0, width) block and skip noise.
-    """
-    per_block = max(1, NOISE_BLOCK_FLOATS // max(width, 1))
-    buf = np.empty((min(per_block, n_steps), width if rng is not None else 0))
-    done = 0
-    while done < n_steps:
-        k = min(per_block, n_steps - done)
-        noise = buf[:k]
-        if rng is not None:
-            rng.standard_normal(out=noise)  # refills one buffer: a single block of memory
-        advance(noise, done)
-        done += k
+from .propagator import StepCounters, WindowResult, run_blocks
 
 
 @njit(cache=True, nogil=True)
@@ -122,6 +91,10 @@ class ModalPropagator:
     def width(self) -> int:
         return self.rates.shape[0]
 
+    @property
+    def counters(self) -> StepCounters | None:
+        return None  # exact: no steps, no rails
+
     def _coefficients(self, h: float, r: float, kappa: float) -> tuple[np.ndarray, np.ndarray]:
         decay = np.exp(-self.rates * (r * h))
         std = np.sqrt(kappa * -np.expm1(-2.0 * self.rates * (r * h)) / self.rates)
@@ -172,6 +145,10 @@ class GeneralPropagator:
     @property
     def width(self) -> int:
         return self.system.dim
+
+    @property
+    def counters(self) -> StepCounters | None:
+        return None  # exact: no steps, no rails
 
     def coefficients(self, h: float, r: float = 1.0, kappa: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(Phi, shift, chol) for step h: z <- Phi z + shift + chol xi."""

@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 
 from .profile import MismatchSection
+from .realization import ProgramWork
 
 
 class Chip:
@@ -59,3 +60,39 @@ class Chip:
         return None if std == 0.0 else std * np.random.Generator(
             np.random.PCG64(np.random.SeedSequence([self.config.seed, zlib.crc32(b"offset"), n]))
         ).standard_normal(n)
+
+    # -- programming stages (``programming.STAGES``) ---------------------------------------------
+
+    def apply_coupling_mismatch(self, work: ProgramWork) -> None:
+        """Stage: every written conductance times its static (1 + d).
+
+        A Factored drift's J is used by two arrays (J and J^T) with errors of their own: the J^T
+        array's realised values go to ``work.j_out`` (None while it equals J).
+        """
+        drift = work.drift
+        if drift.form == "factored":
+            j, h = drift.J, drift.H
+            g_in = self.conductance_gain("J", j.shape)
+            g_out = self.conductance_gain("JT", j.shape)
+            g_h = self.conductance_gain("H", h.shape, symmetric=True)
+            work.j_out = None if g_out is None else j * g_out
+            work.drift = type(drift).trusted(j if g_in is None else j * g_in, h if g_h is None else h * g_h,
+                                             drift.damping)
+            return
+        (name, a), = drift.arrays().items()
+        g = self.conductance_gain(drift.form, a.shape, symmetric=drift.form == "dense" and work.underdamped)
+        if g is not None:
+            work.drift = type(drift).trusted(a * g)
+
+    def apply_cell_capacitance(self, work: ProgramWork) -> None:
+        """Stage: per-cell relative capacitances (per-cell tau)."""
+        work.cap = self.capacitance(work.drift.dim)
+
+    def apply_input_errors(self, work: ProgramWork) -> None:
+        """Stage: the written bias through each cell's input gain and op-amp offset."""
+        n = work.drift.dim
+        gain, offset = self.input_gain(n), self.offset(n)
+        if gain is not None:
+            work.bias = work.bias * gain
+        if offset is not None:
+            work.bias = work.bias + offset

@@ -2,7 +2,8 @@
 
 A profile is a tree of sections (``[device]``, ``[integrator]``, ``[noise]``, ...). Every key has
 a default (the defaults are the ideal device), a unit, and an allowed range; an error names the
-key and its range. ``load_profile("ideal")`` reads ``configs/ideal.toml``; a path reads that file;
+key and its range. ``load_profile("ideal")`` reads ``thermo_device/profiles/ideal.toml`` (package
+data; ``configs/`` in a source checkout links there); a path reads that file;
 ``overrides={"noise.kappa": 0.01}`` changes keys after the file, validated the same way.
 
 Units: times in tau (the device time constant), voltages in volts unless a key says otherwise.
@@ -20,7 +21,9 @@ from typing import Any
 
 from protocol.errors import ProfileError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The built-in profiles are package data, so an installed (non-editable) package finds them next to
+# this module; the top-level configs/ of a source checkout is a symlink to this folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "profiles"
 BUILTIN_PROFILES = ("ideal", "tngd-paper", "spu-8cell", "noisy")
 
 
@@ -207,7 +210,9 @@ def profile_from_dict(data: Mapping[str, Any], *, name: str = "custom", source: 
     if unknown:
         raise ProfileError(f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})")
     sections = {sec: _build_section(cls, sec, data.get(sec, {}), source) for sec, cls in _SECTIONS.items()}
-    return Profile(name=str(data.get("name", name)), **sections)
+    profile = Profile(name=str(data.get("name", name)), **sections)
+    check_profile(profile, source)
+    return profile
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], source: str) -> None:
@@ -248,3 +253,25 @@ def load_profile(name_or_path: str | Path = "ideal", overrides: Mapping[str, Any
     if overrides:
         _apply_overrides(data, overrides, source)
     return profile_from_dict(data, name=path.stem, source=source)
+
+
+# -- rules that join keys of several sections ---------------------------------------------------
+
+# Integrators by dynamics: "auto" is exact where it applies, else heun (overdamped) / baoab.
+METHODS: dict[str, tuple[str, ...]] = {"overdamped": ("exact", "auto", "euler_maruyama", "heun"),
+                                       "underdamped": ("exact", "auto", "euler_maruyama", "baoab")}
+
+
+def check_profile(profile: Profile, source: str | None = None) -> None:
+    """Cross-key rules (each key's own range is checked on load): ProfileError naming the keys."""
+    where = f"{source}: " if source else ""
+    method, dynamics = profile.integrator.method, profile.device.dynamics
+    if method not in METHODS[dynamics]:
+        raise ProfileError(f"{where}integrator.method = {method!r} does not apply to {dynamics} dynamics "
+                           f"(allowed: {', '.join(METHODS[dynamics])})")
+    if dynamics == "underdamped":
+        bad = [k for k, v in (("range.rail", profile.range.rail), ("noise.flicker_corner", profile.noise.flicker_corner),
+                              ("mismatch.capacitance_rel_std", profile.mismatch.capacitance_rel_std))
+               if v != 0.0]
+        if bad:
+            raise ProfileError(f"{where}{', '.join(bad)}: not modelled for the underdamped RLC array (set to 0)")

@@ -1,117 +1,140 @@
-"""Programming the chip: from the host's (A, b) to the drift and bias the cells really see.
+"""Programming the chip: from the host's (A, b) to what the cells see, then how to propagate it.
 
-In order (each step is one model, documented in its own module and in docs/physics.md):
+Programming is an ordered list of stages (``STAGES``), each one model living in its own module and
+documented there and in docs/physics.md. Each stage transforms a ``realization.ProgramWork``:
 
-1. calibration pre-distortion (``calibration.py``), when a calibration of this size exists:
-   A -> A / G_hat elementwise, and later b -> b - o_hat;
-2. conductance programming (``converters.quantize_array``): each resistor array to its codes;
-3. coupling mismatch (``mismatch.py``): every conductance times its static (1 + d);
-4. range mapping (config [range]): host numbers are divided by a scale s so that max|b| and
-   max|A^-1 b| sit at ``headroom`` of the DAC / rail / ADC range (auto), or s = 1; readouts are
-   multiplied back by s. Noise is physical, so in host units it is s^2 kappa: the price of range;
-5. the bias DAC (``converters.quantize``), then the input gains and op-amp offsets (mismatch).
+1. ``calibration.predistort``: A -> A / G_hat when a calibration of this size exists;
+2. ``converters.write_couplings``: every resistor array to its conductance codes;
+3. ``Chip.apply_coupling_mismatch`` (mismatch.py): every conductance times its static (1 + d);
+4. ``Chip.apply_cell_capacitance`` (mismatch.py): per-cell capacitances;
+5. ``analyse``: the realised drift as a validated linear system (``dynamics.py``; NotStableError);
+6. ``range_map.map_range``: host numbers into the physical range, b / s;
+7. ``calibration.cancel_offset``: b - o_hat;
+8. ``converters.write_bias``: the bias DAC;
+9. ``Chip.apply_input_errors`` (mismatch.py): input gains and op-amp offsets;
+10. ``bias_system``: the system with the realised bias.
 
-The result carries the analysed system (validated: positive-stable, else NotStableError).
+The RLC array (underdamped) takes stages 1-3 and its own analysis: it has no bias path.
+``program`` runs the stages and then picks the integrator and builds its ``Propagator``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.drift import Dense, Diagonal, Drift, Factored
+from protocol.drift import Drift
+from protocol.errors import UnsupportedError
 
+from . import calibration, converters, range_map
 from .calibration import Calibration
-from .converters import quantize, quantize_array
-from .dynamics import SteppingOnlySystem, System, overdamped_system, underdamped_system
+from .dynamics import ModalSystem, SteppingOnlySystem, overdamped_system, stable_step, underdamped_system
+from .exact import GeneralPropagator, ModalPropagator
 from .mismatch import Chip
+from .noise import FlickerNoise
 from .profile import Profile
+from .propagator import Propagator
+from .realization import ProgramWork, Realized
+from .snapshot import ProgramSource
+from .stepping import OverdampedStepper, UnderdampedStepper
+
+Stage = Callable[[ProgramWork], None]
+# Stepping integrators run at most at this fraction of their stability limit: the profile's dt is
+# an upper bound, and a stiff drift shrinks it (reported as diagnostics["dt"]).
+STABILITY_MARGIN = 0.9
+
+
+def analyse(work: ProgramWork) -> None:
+    """Stage: the realised drift as a linear system, validated positive-stable (bias 0 for now)."""
+    work.system = overdamped_system(work.drift, np.zeros(work.drift.dim), work.cap, work.j_out)
+
+
+def analyse_underdamped(work: ProgramWork) -> None:
+    """Stage: the RLC array's 2N-dimensional system (the bias must be zero: inductors short DC)."""
+    u = work.profile.underdamped
+    work.system = underdamped_system(work.drift, work.host_bias, u.inductance, u.resistance)
+    work.bias = work.host_bias
+
+
+def bias_system(work: ProgramWork) -> None:
+    """Stage: the analysed system with the realised bias (O(N r): only its target moves)."""
+    work.system = work.system.with_bias(work.bias)
+
+
+def stages(profile: Profile, chip: Chip) -> tuple[Stage, ...]:
+    """The programming stages of this chip, in order (see the module docstring)."""
+    if profile.device.dynamics == "underdamped":
+        return (calibration.predistort, converters.write_couplings, chip.apply_coupling_mismatch,
+                analyse_underdamped)
+    return (calibration.predistort, converters.write_couplings, chip.apply_coupling_mismatch,
+            chip.apply_cell_capacitance, analyse, range_map.map_range, calibration.cancel_offset,
+            converters.write_bias, chip.apply_input_errors, bias_system)
+
+
+def realize(profile: Profile, pipeline: Sequence[Stage], drift: Drift, b_host: np.ndarray,
+            rng: np.random.Generator, cal: Calibration | None, *, unit_scale: bool = False) -> Realized:
+    """Run the stages; invalid or unstable input raises before anything is kept."""
+    work = ProgramWork(profile=profile, rng=rng, drift=drift, bias=b_host, host_bias=b_host, calibration=cal,
+                       unit_scale=unit_scale)
+    for stage in pipeline:
+        stage(work)
+    return Realized.from_work(work)
 
 
 @dataclass(frozen=True, eq=False)
-class Realized:
-    """The drift and bias as realised on the chip, in physical (full-scale) units."""
+class Programmed:
+    """One installed program: what the chip holds and how it is propagated."""
 
-    drift: Drift
-    j_out: np.ndarray | None  # Factored: the J^T array when mismatch makes it differ from J
-    bias: np.ndarray
-    cap: np.ndarray | None  # per-cell relative capacitances
-    system: System | SteppingOnlySystem
-    scale: float  # host units per full-scale unit
-    report: dict[str, Any] = field(default_factory=dict)
+    realized: Realized
+    propagator: Propagator
+    state_dim: int
+    method: str
+    # What rebuilds this program bit for bit (``snapshot``): the inputs, the calibration used, and
+    # the noise generator's and thermostat's state just before realisation drew from them.
+    source: ProgramSource
 
-
-def _couplings(profile: Profile, chip: Chip, drift: Drift, rng: np.random.Generator,
-               underdamped: bool, rounding: str) -> tuple[Drift, np.ndarray | None, np.ndarray]:
-    """(realised drift, J^T array or None, the codes written for the main array)."""
-    cfg = profile.coupling
-
-    def q(a: np.ndarray) -> np.ndarray:
-        return quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, rounding, rng)
-
-    if isinstance(drift, Dense):
-        a = q(drift.matrix)
-        g = chip.conductance_gain("dense", a.shape, symmetric=underdamped)
-        return Dense(a if g is None else a * g), None, a
-    if isinstance(drift, Diagonal):
-        d = q(drift.diag)
-        g = chip.conductance_gain("diagonal", d.shape)
-        return Diagonal(d if g is None else d * g), None, d
-    j, h = q(drift.J), q(drift.H)
-    g_in = chip.conductance_gain("J", j.shape)
-    g_out = chip.conductance_gain("JT", j.shape)
-    g_h = chip.conductance_gain("H", h.shape, symmetric=True)
-    j_in = j if g_in is None else j * g_in
-    j_out = None if g_out is None else j * g_out
-    return Factored(j_in, h if g_h is None else h * g_h, drift.damping), j_out, j
+    @property
+    def n_out(self) -> int:
+        """Readout width: the node voltages (half the state on the RLC array)."""
+        return self.realized.drift.dim
 
 
-def _range_scale(profile: Profile, b: np.ndarray, x_star: np.ndarray) -> float:
-    rg = profile.range
-    if not rg.auto:
-        return 1.0
-    limit = rg.rail if rg.rail > 0.0 else (profile.adc.full_scale if profile.adc.bits else 1.0)
-    s = max(float(np.max(np.abs(b))) / (rg.headroom * profile.dac.full_scale),
-            float(np.max(np.abs(x_star))) / (rg.headroom * limit))
-    return s if s > 0.0 else 1.0
+def needs_stepping(profile: Profile, system: object) -> bool:
+    """Rails and 1/f noise make the dynamics non-linear or non-Markov in x: no exact propagator."""
+    return isinstance(system, SteppingOnlySystem) or profile.range.rail > 0.0 or profile.noise.flicker_corner > 0.0
 
 
-def realize(profile: Profile, chip: Chip, drift: Drift, b_host: np.ndarray, rng: np.random.Generator,
-            calibration: Calibration | None, *, unit_scale: bool = False) -> Realized:
-    """Program the chip; invalid or unstable input raises before anything is kept.
+def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, rng: np.random.Generator,
+            flicker: FlickerNoise, kappa: Callable[[], float]) -> Programmed:
+    """Realise ``source`` on the chip and build the propagator the profile's integrator asks for.
 
-    ``unit_scale`` forces s = 1 and nearest rounding (the calibration probes work in physical
-    units with codes the controller knows in advance).
+    ``kappa()`` (the noise strength now) sets the 1/f poles' variance of a stepping program.
     """
-    dyn = profile.device.dynamics
-    n = drift.dim
-    cal = calibration if calibration is not None and calibration.applies_to(drift) else None
-    if cal is not None:
-        drift = cal.predistort(drift)
-    phys, j_out, written = _couplings(profile, chip, drift, rng, dyn == "underdamped",
-                                      "nearest" if unit_scale else profile.coupling.rounding)
-    report: dict[str, Any] = {"calibrated": cal is not None, "couplings_written": written}
-    if dyn == "underdamped":
+    real = realize(profile, pipeline, source.drift, source.bias, rng, source.calibration,
+                   unit_scale=source.unit_scale)
+    system = real.system
+    dynamics = profile.device.dynamics
+    method = profile.integrator.method
+    stepping = needs_stepping(profile, system)
+    if method == "exact" and stepping:
+        why = system.reason if isinstance(system, SteppingOnlySystem) else "rails or 1/f noise"
+        raise UnsupportedError(f"exact integration cannot propagate this drift ({why}); "
+                               "use integrator.method = 'auto' or a stepping method")
+    if method == "auto":
+        method = "exact" if not stepping else ("heun" if dynamics == "overdamped" else "baoab")
+    n = real.drift.dim
+    prop: Propagator
+    if method == "exact":
+        prop = ModalPropagator(system) if isinstance(system, ModalSystem) else GeneralPropagator(system)
+    elif dynamics == "overdamped":
+        dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method))
+        prop = OverdampedStepper(real.drift, real.bias, dt, method, j_out=real.j_out, cap=real.cap,
+                                 rail=profile.range.rail, flicker=flicker.for_program(kappa(), n))
+    else:
         u = profile.underdamped
-        system = underdamped_system(phys, b_host, u.inductance, u.resistance)
-        return Realized(phys, None, b_host, None, system, 1.0, report)
-    cap = chip.capacitance(n)
-    system = overdamped_system(phys, np.zeros(n), cap, j_out)
-    scale = 1.0
-    if profile.range.auto and not unit_scale:
-        scale = _range_scale(profile, b_host, system.with_bias(b_host).solution())
-    b = b_host / scale
-    if cal is not None:
-        b = b - cal.offset
-    b, clipped = quantize(b, profile.dac.bits, profile.dac.full_scale,
-                          "nearest" if unit_scale else profile.dac.rounding, rng)
-    report["bias_written"] = b
-    gain, offset = chip.input_gain(n), chip.offset(n)
-    if gain is not None:
-        b = b * gain
-    if offset is not None:
-        b = b + offset
-    report.update(range_scale=scale, dac_clipped=clipped)
-    return Realized(phys, j_out, b, cap, system.with_bias(b), scale, report)
+        dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method, u.inductance))
+        prop = UnderdampedStepper(real.drift, dt, method, u.inductance, u.resistance)
+    state_dim = n if dynamics == "overdamped" else 2 * n
+    return Programmed(real, prop, state_dim, method, source)

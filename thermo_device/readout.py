@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.errors import CapacityError, InvalidInputError
-
-MAX_RETURNED_SAMPLES = 1_000_000
+from protocol.errors import InvalidInputError
+from protocol.run_args import MAX_RETURNED_SAMPLES  # noqa: F401 - re-exported: the cap is the protocol's
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,7 @@ class ReadoutGrid:
 
 
 def plan_grid(window: float, sample_interval: float, samples: int) -> ReadoutGrid:
-    if samples < 0 or samples > MAX_RETURNED_SAMPLES:
-        raise CapacityError(f"samples = {samples} is out of range [0, {MAX_RETURNED_SAMPLES}]")
+    # ``samples`` has passed protocol.run_args.check_run_args (0 <= samples <= the wire's cap)
     if window <= 0.0:
         if samples:
             raise InvalidInputError("samples need a readout window: duration must exceed burn_in")

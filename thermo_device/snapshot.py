@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from protocol.device import DeviceSnapshot, pcg64_from_plain, pcg64_to_plain
-from protocol.drift import Dense, Diagonal, Drift, Factored, as_float_array, drift_form
+from protocol.drift import DRIFT_CLASSES, Drift, as_float_array, drift_form, drift_from_arrays
 from protocol.errors import InvalidInputError
 
 from .calibration import Calibration
@@ -88,13 +88,9 @@ def pack_snapshot(profile: Profile, seed: int, rng_state: dict[str, Any], thermo
         entry: dict[str, Any] = {"slot": slot, "form": drift_form(d), "unit_scale": src.unit_scale,
                                  "rng": pcg64_to_plain(src.rng_state), "thermostat": list(src.thermostat),
                                  "calibrated": src.calibration is not None}
-        if isinstance(d, Dense):
-            arrays[f"{slot}.matrix"] = np.array(d.matrix)
-        elif isinstance(d, Factored):
-            arrays[f"{slot}.J"], arrays[f"{slot}.H"] = np.array(d.J), np.array(d.H)
-            entry["damping"] = d.damping
-        else:
-            arrays[f"{slot}.diag"] = np.array(d.diag)
+        for name, a in d.arrays().items():
+            arrays[f"{slot}.{name}"] = np.array(a)
+        entry.update(d.params())
         arrays[f"{slot}.bias"] = np.array(src.bias, dtype=np.float64)
         if src.calibration is not None:  # the calibration it used, which a later one may have replaced
             arrays[f"{slot}.cal_gain"] = src.calibration.gain.copy()
@@ -108,6 +104,12 @@ def _array(arrays: dict[str, np.ndarray], name: str, ndim: int) -> np.ndarray:
     if name not in arrays:
         raise InvalidInputError(f"snapshot: missing array {name!r}")
     return np.array(as_float_array(arrays[name], f"snapshot.{name}", ndim), dtype=np.float64)
+
+
+def _present(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in arrays:
+        raise InvalidInputError(f"snapshot: missing array {name!r}")
+    return np.array(arrays[name])  # a copy: the caller keeps its snapshot
 
 
 def _calibration(n: Any, gain: np.ndarray, offset: np.ndarray, times: Any, where: str) -> Calibration:
@@ -149,15 +151,12 @@ def unpack_snapshot(snapshot: Any, profile: Profile) -> Unpacked:
         if not isinstance(e, dict) or e.get("slot") != slot:
             raise InvalidInputError(f"snapshot: malformed {slot} program")
         form = e.get("form")
-        drift: Drift
-        if form == "dense":
-            drift = Dense(_array(arrays, f"{slot}.matrix", 2))
-        elif form == "factored":
-            drift = Factored(_array(arrays, f"{slot}.J", 2), _array(arrays, f"{slot}.H", 2), e.get("damping", 0.0))
-        elif form == "diagonal":
-            drift = Diagonal(_array(arrays, f"{slot}.diag", 1))
-        else:
+        cls = DRIFT_CLASSES.get(form) if isinstance(form, str) else None
+        if cls is None:
             raise InvalidInputError(f"snapshot: unknown drift form {form!r}")
+        # the drift's constructor checks each array's shape, dtype and finiteness
+        drift: Drift = drift_from_arrays(form, {name: _present(arrays, f"{slot}.{name}") for name in cls.array_names},
+                                         e, where=f"snapshot: {slot} program")
         bias = _array(arrays, f"{slot}.bias", 1)
         if bias.shape != (drift.dim,):
             raise InvalidInputError(f"snapshot: {slot} bias does not match its drift")

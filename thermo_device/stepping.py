@@ -16,7 +16,9 @@ Underdamped RLC array (z = [v, i], C the capacitance matrix):
 
 Drift forms are evaluated without forming A: Dense by a matvec (BLAS above ``BLAS_MIN_DIM``),
 Diagonal elementwise, Factored as b - lambda x - J^T (H (J x)) in O(mN + m^2).
-The whole time loop of a noise block runs inside one kernel.
+The whole time loop of a noise block runs inside one kernel. Kernel arguments travel as a few
+small records (tuples: drift, motion, flicker, readout) named in each kernel's docstring. Both
+steppers satisfy ``propagator.Propagator``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import numpy as np
 import scipy.linalg
 from numba import njit
 
-from protocol.drift import Dense, Diagonal, Drift, Factored
+from protocol.drift import Drift
 
-from .exact import WindowResult, run_blocks
-from .noise import FlickerPoles
+from .noise import FlickerState
+from .propagator import StepCounters, WindowResult, run_blocks
 
 FORM_DENSE, FORM_DIAGONAL, FORM_FACTORED = 0, 1, 2
+_FORMS = {"dense": FORM_DENSE, "diagonal": FORM_DIAGONAL, "factored": FORM_FACTORED}
 SCHEME_EM, SCHEME_HEUN, SCHEME_BAOAB = 0, 1, 2
 OVERDAMPED_SCHEMES = {"euler_maruyama": SCHEME_EM, "heun": SCHEME_HEUN}
 UNDERDAMPED_SCHEMES = {"euler_maruyama": SCHEME_EM, "baoab": SCHEME_BAOAB}
@@ -47,10 +50,14 @@ FASTMATH = {"reassoc", "contract"}  # numba wants a set
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
-    """f = b + eta - A x for the drift form (eta: the summed 1/f noise, empty when off)."""
+def _drift(drift, eta, x, f):
+    """f = b + eta - A x for the drift record (eta: the summed 1/f noise, empty when off).
+
+    drift = (form, a, d, j_in, j_out, hm, lam, b): the arrays of the unused forms are empty.
+    """
+    form, a, d, j_in, j_out, hm, lam, b = drift
     n = x.shape[0]
-    if form == 0:
+    if form == FORM_DENSE:
         if n >= BLAS_MIN_DIM:
             ax = np.dot(a, x)
             for i in range(n):
@@ -61,7 +68,7 @@ def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
                 for k in range(n):
                     s += a[i, k] * x[k]
                 f[i] = b[i] - s
-    elif form == 1:
+    elif form == FORM_DIAGONAL:
         for i in range(n):
             f[i] = b[i] - d[i] * x[i]
     else:
@@ -76,8 +83,12 @@ def _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f):
 
 
 @njit(cache=True, nogil=True)
-def _record(x, n_out, sub, g, stride, total, out, total_outer):
-    """Readout bookkeeping after global step g: an ADC sample every ``sub`` steps."""
+def _record(x, n_out, readout, g):
+    """Readout bookkeeping after global step g: an ADC sample every ``sub`` steps.
+
+    readout = (sub, k0, stride, total, out, total_outer); sub = 0 records nothing (jumps).
+    """
+    sub, _, stride, total, out, total_outer = readout
     if sub <= 0 or g % sub != 0:
         return
     k = g // sub
@@ -93,13 +104,17 @@ def _record(x, n_out, sub, g, stride, total, out, total_outer):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, sig, noise, scheme,
-                      rail, fl_state, fl_decay, fl_std, sub, k0, stride, total, out, total_outer, clipped):
+def _overdamped_steps(x, noise, drift, motion, flicker, readout):
     """dx = r C^-1 (b + eta - A x) dt + sqrt(2 kappa r) C^-1/2 dW, rails at +-rail (0: none).
 
-    ``mob`` = r / c_i per cell (dt folded in by the caller through ``dt``), ``sq_mob`` = sqrt(1/c_i);
-    ``sig`` = sqrt(2 kappa r dt). Flicker poles (P x N state) advance exactly per step.
+    motion = (scheme, dt, mob, sig, sq_mob, rail, clipped): ``mob`` = r / c_i per cell (dt folded
+    in through ``dt``), ``sq_mob`` = sqrt(1/c_i), ``sig`` = sqrt(2 kappa r dt), ``clipped`` a
+    one-element counter of rail hits. flicker = (state P x N, decay, std): the 1/f poles advance
+    exactly per step. readout: see ``_record``; noise holds one block of N(0, 1) draws.
     """
+    scheme, dt, mob, sig, sq_mob, rail, clipped = motion
+    fl_state, fl_decay, fl_std = flicker
+    k0 = readout[1]
     n = x.shape[0]
     n_poles = fl_decay.shape[0]
     f = np.empty(n)
@@ -120,14 +135,14 @@ def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, s
                     v = fl_decay[p] * fl_state[p, i] + fl_std[p] * noise[s, n + p * n + i]
                     fl_state[p, i] = v
                     eta[i] += v
-        _drift(form, a, d, j_in, j_out, hm, lam, b, eta, x, f)
-        if scheme == 0:
+        _drift(drift, eta, x, f)
+        if scheme == SCHEME_EM:
             for i in range(n):
                 x[i] += dt * mob[i] * f[i] + kick[i]
         else:
             for i in range(n):
                 xt[i] = x[i] + dt * mob[i] * f[i] + kick[i]
-            _drift(form, a, d, j_in, j_out, hm, lam, b, eta, xt, f2)
+            _drift(drift, eta, xt, f2)
             for i in range(n):
                 x[i] += 0.5 * dt * mob[i] * (f[i] + f2[i]) + kick[i]
         if rail > 0.0:
@@ -138,18 +153,22 @@ def _overdamped_steps(form, a, d, j_in, j_out, hm, lam, b, mob, sq_mob, x, dt, s
                 elif x[i] < -rail:
                     x[i] = -rail
                     clipped[0] += 1
-        _record(x, n, sub, k0 + s + 1, stride, total, out, total_outer)
+        _record(x, n, readout, k0 + s + 1)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _underdamped_steps(z, cinv, e_fric, l_fric, inductance, resistance, dt, sig, noise, scheme,
-                       sub, k0, stride, total, out, total_outer):
+def _underdamped_steps(z, noise, circuit, motion, readout):
+    """The RLC array, z = [v, i]. circuit = (C^-1, E, chol, L, R) with E and chol the BAOAB
+    friction step's e^{-h C^-1 / R} and noise factor; motion = (scheme, dt, sig)."""
+    cinv, e_fric, l_fric, inductance, resistance = circuit
+    scheme, dt, sig = motion
+    k0 = readout[1]
     n = cinv.shape[0]
     noisy = noise.shape[1] == n
     v = z[:n]
     i_l = z[n:]
     for s in range(noise.shape[0]):
-        if scheme == 0:
+        if scheme == SCHEME_EM:
             rhs = np.empty(n)
             for k in range(n):
                 rhs[k] = v[k] / resistance + i_l[k]
@@ -173,7 +192,7 @@ def _underdamped_steps(z, cinv, e_fric, l_fric, inductance, resistance, dt, sig,
             kick = np.dot(cinv, i_l)
             for k in range(n):
                 v[k] -= half * kick[k]
-        _record(z, n, sub, k0 + s + 1, stride, total, out, total_outer)
+        _record(z, n, readout, k0 + s + 1)
 
 
 def _substeps(h: float, dt: float) -> int:
@@ -186,38 +205,45 @@ class OverdampedStepper:
     Args:
         drift: the drift as realised on the chip (Factored uses ``j_out`` for its J^T array).
         b: realised bias. cap: per-cell relative capacitances (None: 1). dt: the step bound.
-        rail: saturation voltage (0: none). flicker: FlickerPoles or None; ``flicker_state``
-            (P x N) is the 1/f noise state, owned by the caller so it survives reprogramming.
+        rail: saturation voltage (0: none). flicker: the 1/f noise model's ``FlickerState`` (its
+            poles and its P x N state, which the noise model keeps across reprogramming) or None.
     """
 
     def __init__(self, drift: Drift, b: np.ndarray, dt: float, method: str, *, j_out: np.ndarray | None = None,
-                 cap: np.ndarray | None = None, rail: float = 0.0, flicker: FlickerPoles | None = None,
-                 flicker_state: np.ndarray | None = None) -> None:
+                 cap: np.ndarray | None = None, rail: float = 0.0, flicker: FlickerState | None = None) -> None:
         self.dt, self.scheme, self.rail = dt, OVERDAMPED_SCHEMES[method], rail
         self.b = np.ascontiguousarray(b, dtype=np.float64)
         self.n = n = self.b.shape[0]
         empty2, empty1 = np.zeros((0, 0)), np.zeros(0)
-        self.a, self.d, self.j_in, self.j_out, self.hm, self.lam = empty2, empty1, empty2, empty2, empty2, 0.0
-        if isinstance(drift, Dense):
-            self.form, self.a = FORM_DENSE, np.ascontiguousarray(drift.matrix, dtype=np.float64)
-        elif isinstance(drift, Diagonal):
-            self.form, self.d = FORM_DIAGONAL, np.ascontiguousarray(drift.diag, dtype=np.float64)
-        elif isinstance(drift, Factored):
-            self.form = FORM_FACTORED
-            self.j_in = np.ascontiguousarray(drift.J, dtype=np.float64)
-            self.j_out = self.j_in if j_out is None else np.ascontiguousarray(j_out, dtype=np.float64)
-            self.hm = np.ascontiguousarray(drift.H, dtype=np.float64)
-            self.lam = float(drift.damping)
+        a, d, j_in, j_o, hm, lam = empty2, empty1, empty2, empty2, empty2, 0.0
+        form = _FORMS[drift.form]
+        if form == FORM_DENSE:
+            a = np.ascontiguousarray(drift.matrix, dtype=np.float64)
+        elif form == FORM_DIAGONAL:
+            d = np.ascontiguousarray(drift.diag, dtype=np.float64)
+        else:
+            j_in = np.ascontiguousarray(drift.J, dtype=np.float64)
+            j_o = j_in if j_out is None else np.ascontiguousarray(j_out, dtype=np.float64)
+            hm = np.ascontiguousarray(drift.H, dtype=np.float64)
+            lam = float(drift.damping)
+        self.form = form
+        # the kernels' drift record (see ``_drift``)
+        self.drift_record = (form, a, d, j_in, j_o, hm, lam, self.b)
         self.inv_cap = np.ones(n) if cap is None else 1.0 / np.asarray(cap, dtype=np.float64)
         self.sq_inv_cap = np.sqrt(self.inv_cap)
-        self.flicker = flicker
-        self.fl_state = flicker_state if flicker is not None else np.zeros((0, n))
-        self.clipped = np.zeros(1, dtype=np.int64)
-        self.steps_taken = 0
+        self.flicker = flicker.poles if flicker is not None else None
+        self.fl_state = flicker.state if flicker is not None else np.zeros((0, n))
+        self._clipped = np.zeros(1, dtype=np.int64)
+        self._steps = 0
+        self._last_step: float | None = None
 
     @property
     def width(self) -> int:
         return self.n
+
+    @property
+    def counters(self) -> StepCounters:
+        return StepCounters(self._steps, int(self._clipped[0]), self._last_step)
 
     def _advance(self, x, h, n_adc, stride, rng, total, out, outer, r, kappa, record=True):
         sub = _substeps(h, self.dt)
@@ -231,15 +257,15 @@ class OverdampedStepper:
             fl_decay = fl_std = np.zeros(0)
         width = self.n * (1 + (self.flicker.count if self.flicker is not None else 0))
         noisy = kappa > 0.0
+        motion = (self.scheme, step, mob, sig, self.sq_inv_cap, self.rail, self._clipped)
+        flicker = (self.fl_state, fl_decay, fl_std)
 
         def advance(noise: np.ndarray, k0: int) -> None:
-            _overdamped_steps(self.form, self.a, self.d, self.j_in, self.j_out, self.hm, self.lam, self.b,
-                              mob, self.sq_inv_cap, x, step, sig, noise, self.scheme, self.rail,
-                              self.fl_state, fl_decay, fl_std, sub if record else 0, k0, stride,
-                              total, out, outer, self.clipped)
+            _overdamped_steps(x, noise, self.drift_record, motion, flicker,
+                              (sub if record else 0, k0, stride, total, out, outer))
 
         run_blocks(sub * n_adc, width, rng if noisy else None, advance)
-        self.steps_taken += sub * n_adc
+        self._steps += sub * n_adc
         return step
 
     def jump(self, x: np.ndarray, h: float, rng: np.random.Generator, r: float = 1.0,
@@ -257,7 +283,7 @@ class OverdampedStepper:
         total = np.zeros(self.n)
         out = np.empty((n_steps // stride if stride > 0 else 0, self.n))
         outer = np.zeros((self.n, self.n)) if second_moment else np.zeros((0, 0))
-        self.last_step = self._advance(x, h, n_steps, stride, rng, total, out, outer, r, kappa)
+        self._last_step = self._advance(x, h, n_steps, stride, rng, total, out, outer, r, kappa)
         return WindowResult(state=x, total=total, samples=out, total_outer=outer if second_moment else None)
 
 
@@ -265,19 +291,23 @@ class UnderdampedStepper:
     """Euler-Maruyama or BAOAB for the RLC array, state z = [v, i]."""
 
     def __init__(self, drift: Drift, dt: float, method: str, inductance: float, resistance: float) -> None:
-        c = np.diag(drift.diag) if isinstance(drift, Diagonal) else np.asarray(drift.matrix, dtype=np.float64)
+        c = drift.dense()
         c = 0.5 * (c + c.T)
         self.cinv = np.ascontiguousarray(np.linalg.inv(c))
         self.dt, self.scheme = dt, UNDERDAMPED_SCHEMES[method]
         self.inductance, self.resistance = inductance, resistance
         self.n = c.shape[0]
         self._fric: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}
-        self.clipped = np.zeros(1, dtype=np.int64)
-        self.steps_taken = 0
+        self._steps = 0
+        self._last_step: float | None = None
 
     @property
     def width(self) -> int:
         return 2 * self.n
+
+    @property
+    def counters(self) -> StepCounters:
+        return StepCounters(self._steps, 0, self._last_step)  # no rails on the RLC array
 
     def _friction(self, step: float, kappa: float) -> tuple[np.ndarray, np.ndarray]:
         key = (step, kappa)
@@ -296,13 +326,14 @@ class UnderdampedStepper:
         step = h * r / sub
         e_fric, l_fric = self._friction(step, kappa) if self.scheme == SCHEME_BAOAB else (self.cinv, self.cinv)
         sig = math.sqrt(2.0 * kappa * step)
+        circuit = (self.cinv, e_fric, l_fric, self.inductance, self.resistance)
+        motion = (self.scheme, step, sig)
 
         def advance(noise: np.ndarray, k0: int) -> None:
-            _underdamped_steps(z, self.cinv, e_fric, l_fric, self.inductance, self.resistance, step, sig,
-                               noise, self.scheme, sub if record else 0, k0, stride, total, out, outer)
+            _underdamped_steps(z, noise, circuit, motion, (sub if record else 0, k0, stride, total, out, outer))
 
         run_blocks(sub * n_adc, self.n, rng if kappa > 0.0 else None, advance)
-        self.steps_taken += sub * n_adc
+        self._steps += sub * n_adc
         return step / r
 
     def jump(self, z: np.ndarray, h: float, rng: np.random.Generator, r: float = 1.0,
@@ -320,5 +351,5 @@ class UnderdampedStepper:
         total = np.zeros(self.n)
         out = np.empty((n_steps // stride if stride > 0 else 0, self.n))
         outer = np.zeros((self.n, self.n)) if second_moment else np.zeros((0, 0))
-        self.last_step = self._advance(z, h, n_steps, stride, rng, total, out, outer, r, kappa)
+        self._last_step = self._advance(z, h, n_steps, stride, rng, total, out, outer, r, kappa)
         return WindowResult(state=z, total=total, samples=out, total_outer=outer if second_moment else None)

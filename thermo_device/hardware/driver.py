@@ -29,7 +29,7 @@ import numpy as np
 
 from protocol.capabilities import Capabilities
 from protocol.device import RunResult
-from protocol.drift import Dense, Drift, as_float_array
+from protocol.drift import Drift, as_float_array
 from protocol.errors import (
     CapacityError,
     DeviceError,
@@ -149,15 +149,14 @@ class HardwareBackend(Backend):
 
     def program(self, drift: Drift, bias: np.ndarray | None = None) -> None:
         self._check_open()
-        self.check_form(drift)
-        assert isinstance(drift, Dense)
+        self.check_form(drift)  # "dense" only (see _identity): dense() is the matrix itself
         n = drift.dim
         if n > self.cells:
             raise CapacityError(f"dense drift has dimension {n}, the board has {self.cells} cells")
         b = np.zeros(n) if bias is None else np.asarray(as_float_array(bias, "bias", 1), dtype=np.float64)
         if b.shape[0] != n:
             raise ShapeError(f"bias: expected length {n} to match the drift, got {b.shape[0]}")
-        codes, lsb, a_q = self._coupling_codes(np.asarray(drift.matrix, dtype=np.float64))
+        codes, lsb, a_q = self._coupling_codes(drift.dense())
         x_star = _check_stable(a_q, b)
         # a state set before this size was programmed applies only if its length fits (else it is
         # dropped below, and must not widen the range either)

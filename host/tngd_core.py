@@ -1,0 +1,226 @@
+"""The TNGD step over explicit state: one device solve and one Levenberg-Marquardt rule.
+
+Both front ends build on this module: ``host.TNGD`` (NumPy, with a NumPy SGD/Adam for the digital
+update) and ``host.torch_optimizer.TNGDOptimizer`` (torch's own SGD/Adam). The shape follows
+posteriors' ``build -> (init, update)``: ``TNGDCore`` holds what does not change during training
+(the device and the solve settings); everything that does lives in a frozen ``TNGDState`` that
+each call takes and returns::
+
+    core = TNGDCore(device, analog_time=50.0)
+    state = core.init(damping=0.01)
+    x_bar, state = core.solve(state, grad, curvature)        # x_bar ~ (G + lambda I)^-1 grad
+    state = core.record(state, grad, delta, curvature, loss)  # what the LM rule needs
+    state, rho = core.lm_update(state, loss_before, loss_after)
+
+The host-side state plus the device's analog state (and, where the device offers it, its whole
+snapshot: programs and noise stream) is a checkpoint: ``core.capture(state)`` returns the state to
+save, and a state with ``pending`` set is restored into the device before its next solve. See
+``host.tngd`` for the step itself (warm start, delay, readout window).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from protocol.device import Device, DeviceSnapshot
+from protocol.drift import Drift
+from protocol.errors import InvalidInputError, UnsupportedError
+
+from .adapt import DriftAdapter, device_capabilities
+from .baselines import damped
+
+INITS = ("warm", "grad", "reset")
+
+
+@dataclass
+class StepStats:
+    """What the last step cost: analog time on the device and host wall time around the call."""
+
+    analog_time_s: float = 0.0
+    device_wall_s: float = 0.0
+    damping: float = 0.0
+
+
+@dataclass
+class LevenbergMarquardt:
+    """Levenberg-Marquardt damping schedule (TNGD App. A; Martens 2010 constants).
+
+    rho = (l(theta + delta) - l(theta)) / (q(delta) - q(0)), q(p) = g^T p + p^T G p / 2 with the
+    undamped curvature G. rho > a (the model is trusted): lambda *= alpha; rho < 1 - a:
+    lambda /= alpha. alpha < 1 so that trust shrinks the damping.
+    """
+
+    a: float = 0.75
+    alpha: float = 2.0 / 3.0
+    minimum: float = 1e-6
+    maximum: float = 1e3
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.a < 1.0 or not 0.0 < self.alpha < 1.0:
+            raise InvalidInputError("LevenbergMarquardt needs 0.5 < a < 1 and 0 < alpha < 1")
+
+    def update(self, damping: float, loss_before: float, loss_after: float, grad: np.ndarray,
+               delta: np.ndarray, curvature: Drift) -> tuple[float, float]:
+        """(new damping, rho). Costs one curvature-vector product."""
+        predicted = float(grad @ delta + 0.5 * delta @ curvature.matvec(delta))
+        # a step the quadratic model does not predict to descend cannot be trusted: rho = -inf
+        rho = (loss_after - loss_before) / predicted if predicted < 0.0 else -np.inf
+        if rho > self.a:
+            damping *= self.alpha
+        elif rho < 1.0 - self.a:
+            damping /= self.alpha
+        return float(np.clip(damping, self.minimum, self.maximum)), float(rho)
+
+
+@dataclass(frozen=True, eq=False)
+class LastStep:
+    """The last step as the LM rule needs it: gradient, the step taken, the undamped curvature,
+    and the batch loss before the step when the caller knew it (the torch optimizer does)."""
+
+    grad: np.ndarray
+    delta: np.ndarray
+    curvature: Drift
+    loss: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceCheckpoint:
+    """The device's side of a checkpoint.
+
+    ``state`` is the analog state (the warm start; None: nothing to set); ``snapshot`` the whole
+    device (programs, noise stream) when the device can snapshot, else None. A snapshot, when
+    present, supersedes ``state``: it carries it and the noise stream too.
+    """
+
+    state: np.ndarray | None = None
+    snapshot: DeviceSnapshot | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class TNGDState:
+    """Everything about a TNGD run that changes from step to step, on the host side.
+
+    Attributes:
+        steps: solves done so far (the first warm solve starts from the gradient; the delay
+            applies from the second on).
+        damping: lambda, added to the curvature of the next solve (LM moves it).
+        last: the last recorded step, for ``lm_update``; None before any.
+        pending: a device checkpoint to put into the device before the next solve (set when a
+            checkpoint is loaded; cleared by the solve that restores it).
+        stats: the cost of the last solve.
+    """
+
+    steps: int = 0
+    damping: float = 0.0
+    last: LastStep | None = None
+    pending: DeviceCheckpoint | None = None
+    stats: StepStats = field(default_factory=StepStats)
+
+
+def take_snapshot(device: Device) -> DeviceSnapshot | None:
+    """The device's snapshot, or None for a device that cannot take one (then a checkpoint carries
+    only the analog state: resuming continues the warm start, with a new noise stream)."""
+    try:
+        return device.snapshot()
+    except UnsupportedError:
+        return None
+
+
+class TNGDCore:
+    """One TNGD device solve per step against any ``protocol.Device``, over a ``TNGDState``.
+
+    Args:
+        device: from ``host.connect(...)``.
+        analog_time: t, the duration of each solve in tau (includes ``burn_in``).
+        delay: t_d in tau: the previous drift keeps acting this long before the new one.
+        burn_in: start of the readout window within the run, in tau.
+        init: "warm", "grad" or "reset": where each solve starts (``host.tngd``'s docstring).
+        lm: a ``LevenbergMarquardt`` schedule for lambda, or None (``lm_update`` then refuses).
+    """
+
+    def __init__(self, device: Device, analog_time: float, delay: float = 0.0, burn_in: float = 0.0, *,
+                 init: str = "warm", lm: LevenbergMarquardt | None = None) -> None:
+        if init not in INITS:
+            raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
+        if not 0.0 <= burn_in <= analog_time:
+            raise InvalidInputError(f"burn_in ({burn_in}) must lie in [0, analog_time = {analog_time}]")
+        if delay < 0.0:
+            raise InvalidInputError(f"delay must be >= 0, got {delay}")
+        self.device = device
+        self.analog_time = float(analog_time)
+        self.delay = float(delay)
+        self.burn_in = float(burn_in)
+        self.init_mode = init
+        self.lm = lm
+        # what the device declares (cells, drift forms): curvature is converted to fit, or refused early
+        self.adapt = DriftAdapter(device_capabilities(device))
+
+    def init(self, damping: float) -> TNGDState:
+        """The state before the first step."""
+        if damping < 0.0:
+            raise InvalidInputError(f"damping must be >= 0, got {damping}")
+        return TNGDState(damping=float(damping))
+
+    def solve(self, state: TNGDState, grad: np.ndarray, curvature: Drift) -> tuple[np.ndarray, TNGDState]:
+        """(x_bar, new state): the device's estimate of (curvature + damping I)^-1 grad."""
+        self._restore(state.pending)
+        g = np.asarray(grad, dtype=np.float64)
+        # damped() checks lambda and the drift's form, and reuses the curvature's validated arrays
+        # (drift.damped): the curvature is not scanned for NaN a second time
+        drift = self.adapt(damped(curvature, state.damping))
+        if self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0):
+            self.device.state = g
+        t0 = time.perf_counter()
+        res = self.device.step(drift, g, self.analog_time, burn_in=self.burn_in,
+                               delay=self.delay if state.steps else 0.0, reset=self.init_mode == "reset")
+        stats = StepStats(res.analog_time_s, time.perf_counter() - t0, state.damping)
+        return np.asarray(res.mean, dtype=np.float64), replace(state, steps=state.steps + 1, pending=None,
+                                                               stats=stats)
+
+    def _restore(self, pending: DeviceCheckpoint | None) -> None:
+        if pending is None:
+            return
+        if pending.snapshot is not None:  # the whole device, noise stream too
+            self.device.restore(pending.snapshot)
+        elif pending.state is not None:  # at least the warm start
+            self.device.state = pending.state
+
+    @staticmethod
+    def record(state: TNGDState, grad: np.ndarray, delta: np.ndarray, curvature: Drift,
+               loss: float | None = None) -> TNGDState:
+        """The state with this step remembered for ``lm_update`` (delta: theta_new - theta)."""
+        return replace(state, last=LastStep(np.asarray(grad, dtype=np.float64), delta, curvature, loss))
+
+    def lm_update(self, state: TNGDState, loss_before: float | None, loss_after: float) -> tuple[TNGDState, float]:
+        """(new state, rho): the Levenberg-Marquardt update of lambda from the last recorded step's
+        losses on the same batch. ``loss_before=None`` takes the loss recorded with the step."""
+        lm, last = self.lm_ready(state)
+        before = last.loss if loss_before is None else loss_before
+        if before is None:
+            raise InvalidInputError("lm_update needs the loss before the step (none was recorded)")
+        damping, rho = lm.update(state.damping, before, loss_after, last.grad, last.delta, last.curvature)
+        return replace(state, damping=damping), rho
+
+    def lm_ready(self, state: TNGDState) -> tuple[LevenbergMarquardt, LastStep]:
+        """The schedule and the last recorded step, or an error saying why LM cannot run yet."""
+        if self.lm is None:
+            raise InvalidInputError("adapt_damping needs lm=LevenbergMarquardt()")
+        if state.last is None:
+            raise InvalidInputError("adapt_damping before any step")
+        return self.lm, state.last
+
+    def capture(self, state: TNGDState) -> TNGDState:
+        """The state to save in a checkpoint: ``pending`` holds the device's analog state and
+        snapshot (read now), so loading it and solving continues where this run would.
+
+        A state loaded but not yet solved from still holds the loaded device checkpoint: that is
+        saved again (the device itself has not been given it yet). Before any solve the device
+        holds nothing of this run, so nothing of it is saved.
+        """
+        if state.pending is not None or not state.steps:
+            return replace(state, last=None)
+        device_state = np.asarray(self.device.state, dtype=np.float64)
+        return replace(state, last=None, pending=DeviceCheckpoint(device_state, take_snapshot(self.device)))
