@@ -41,6 +41,7 @@ from protocol.errors import InvalidInputError
 
 from .adapt import DriftAdapter
 from .baselines import SGD, Adam
+from .guard import StabilityGuard
 from .tngd_core import INITS, LevenbergMarquardt, StepStats, TNGDCore, TNGDState
 
 __all__ = ["INITS", "TNGD", "LevenbergMarquardt", "StepStats"]
@@ -60,16 +61,22 @@ class TNGD:
         optimizer: "sgd" (theta -= lr * v, v = momentum * v + x_bar) or "adam" (TNGD-Adam).
         momentum, betas, eps: of the digital optimizer x_bar is fed to.
         lm: a ``LevenbergMarquardt`` schedule for lambda; call ``adapt_damping`` after a step.
+        guard: the ``StabilityGuard`` (on by default; ``host.guard``): on a chip whose mismatch
+            makes the realised drift unstable, it retries with more damping and keeps a floor.
+        target_rel_error, max_analog_time: with ``analog_time="auto"``, the readout is planned from
+            the device's declared noise for this relative error of x_bar (``host.readout_plan``).
 
     ``engine`` is the ``TNGDCore`` that solves, ``state`` its ``TNGDState`` (steps, damping, the
     last step for LM); ``inner`` the digital optimizer (its ``lr`` follows ``self.lr``).
     """
 
-    def __init__(self, device: Device, lr: float, analog_time: float, damping: float,
+    def __init__(self, device: Device, lr: float, analog_time: float | str, damping: float,
                  delay: float = 0.0, burn_in: float = 0.0, *, init: str = "warm", optimizer: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 lm: LevenbergMarquardt | None = None) -> None:
-        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm)
+                 lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
+                 target_rel_error: float = 0.1, max_analog_time: float = 1e4) -> None:
+        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
+                               target_rel_error=target_rel_error, max_analog_time=max_analog_time)
         if lr <= 0.0:
             raise InvalidInputError(f"lr must be > 0, got {lr}")
         if optimizer == "sgd":

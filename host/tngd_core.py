@@ -27,21 +27,40 @@ import numpy as np
 
 from protocol.device import Device, DeviceSnapshot
 from protocol.drift import Drift
-from protocol.errors import InvalidInputError, UnsupportedError
+from protocol.errors import InvalidInputError, NotStableError, UnsupportedError
 
 from .adapt import DriftAdapter, device_capabilities
 from .baselines import damped
+from .guard import GuardEvent, StabilityGuard
+from .readout_plan import estimated_rel_error, plan_readout
 
 INITS = ("warm", "grad", "reset")
 
 
 @dataclass
 class StepStats:
-    """What the last step cost: analog time on the device and host wall time around the call."""
+    """What the last step cost and how it went.
+
+    Attributes:
+        analog_time_s, device_wall_s: analog time on the device and host wall time around the call
+            (retries included).
+        damping: the damping the device was given (the guard may raise it above ``state.damping``).
+        retries: attempts the stability guard repeated because the realised drift was unstable.
+        stability_margin: the realised drift's smallest eigenvalue real part the device reported
+            (1/tau), or None when it reports none.
+        analog_time, burn_in: the readout used (tau): the settings, or the noise-aware plan.
+        est_rel_error: the estimated relative noise error of x_bar (``readout_plan``), or None when
+            the device reports no noise strength.
+    """
 
     analog_time_s: float = 0.0
     device_wall_s: float = 0.0
     damping: float = 0.0
+    retries: int = 0
+    stability_margin: float | None = None
+    analog_time: float = 0.0
+    burn_in: float = 0.0
+    est_rel_error: float | None = None
 
 
 @dataclass
@@ -111,6 +130,11 @@ class TNGDState:
         pending: a device checkpoint to put into the device before the next solve (set when a
             checkpoint is loaded; cleared by the solve that restores it).
         stats: the cost of the last solve.
+        floor: the stability guard's damping floor (the device gets max(damping, floor)).
+        guard_events: every raise of the damping by the guard, in order.
+        x_norm: |x_bar| of the last solve (the noise-aware readout's scale), 0 before any.
+        kappa: the noise strength in host units the device last reported, None before any.
+        start: the analog state the last solve ended in (host units): where a retried solve starts.
     """
 
     steps: int = 0
@@ -118,6 +142,11 @@ class TNGDState:
     last: LastStep | None = None
     pending: DeviceCheckpoint | None = None
     stats: StepStats = field(default_factory=StepStats)
+    floor: float = 0.0
+    guard_events: tuple[GuardEvent, ...] = ()
+    x_norm: float = 0.0
+    kappa: float | None = None
+    start: np.ndarray | None = None
 
 
 def take_snapshot(device: Device) -> DeviceSnapshot | None:
@@ -139,14 +168,32 @@ class TNGDCore:
         burn_in: start of the readout window within the run, in tau.
         init: "warm", "grad" or "reset": where each solve starts (``host.tngd``'s docstring).
         lm: a ``LevenbergMarquardt`` schedule for lambda, or None (``lm_update`` then refuses).
+        guard: the ``StabilityGuard`` (``host.guard``); ``StabilityGuard(enabled=False)`` turns it off.
+        target_rel_error: with ``analog_time="auto"``, the relative error of x_bar against
+            (G + lambda I)^-1 g that the readout is planned for (``host.readout_plan``); the
+            planned ``analog_time`` and ``burn_in`` replace the fixed ones, capped at ``max_analog_time``.
     """
 
-    def __init__(self, device: Device, analog_time: float, delay: float = 0.0, burn_in: float = 0.0, *,
-                 init: str = "warm", lm: LevenbergMarquardt | None = None) -> None:
+    def __init__(self, device: Device, analog_time: float | str, delay: float = 0.0, burn_in: float = 0.0, *,
+                 init: str = "warm", lm: LevenbergMarquardt | None = None,
+                 guard: StabilityGuard | None = None, target_rel_error: float = 0.1,
+                 max_analog_time: float = 1e4) -> None:
         if init not in INITS:
             raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
+        self.auto = analog_time == "auto"
+        if self.auto:
+            if not 0.0 < target_rel_error < 1.0:
+                raise InvalidInputError(f"target_rel_error must lie in (0, 1), got {target_rel_error}")
+            if not max_analog_time > 0.0:
+                raise InvalidInputError(f"max_analog_time must be > 0, got {max_analog_time}")
+            analog_time = max_analog_time
+        elif isinstance(analog_time, str):
+            raise InvalidInputError(f"analog_time must be a number of tau or 'auto', got {analog_time!r}")
         if not 0.0 <= burn_in <= analog_time:
             raise InvalidInputError(f"burn_in ({burn_in}) must lie in [0, analog_time = {analog_time}]")
+        self.guard = guard if guard is not None else StabilityGuard()
+        self.target_rel_error = float(target_rel_error)
+        self.max_analog_time = float(max_analog_time)
         if delay < 0.0:
             raise InvalidInputError(f"delay must be >= 0, got {delay}")
         self.device = device
@@ -157,6 +204,7 @@ class TNGDCore:
         self.lm = lm
         # what the device declares (cells, drift forms): curvature is converted to fit, or refused early
         self.adapt = DriftAdapter(device_capabilities(device))
+        self._noise = _declared_noise(device)
 
     def init(self, damping: float) -> TNGDState:
         """The state before the first step."""
@@ -165,20 +213,64 @@ class TNGDCore:
         return TNGDState(damping=float(damping))
 
     def solve(self, state: TNGDState, grad: np.ndarray, curvature: Drift) -> tuple[np.ndarray, TNGDState]:
-        """(x_bar, new state): the device's estimate of (curvature + damping I)^-1 grad."""
+        """(x_bar, new state): the device's estimate of (curvature + damping I)^-1 grad.
+
+        The stability guard may repeat the solve with more damping (``host.guard``); the readout
+        is the fixed one or, with ``analog_time="auto"``, planned from the declared noise.
+        """
         self._restore(state.pending)
         g = np.asarray(grad, dtype=np.float64)
-        # damped() checks lambda and the drift's form, and reuses the curvature's validated arrays
-        # (drift.damped): the curvature is not scanned for NaN a second time
-        drift = self.adapt(damped(curvature, state.damping))
-        if self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0):
-            self.device.state = g
+        guard = self.guard
+        damping = max(state.damping, state.floor)
+        kappa = state.kappa if state.kappa is not None else self._noise.kappa
+        analog_time, burn_in = self.analog_time, self.burn_in
+        if self.auto:
+            x_norm = state.x_norm or float(np.linalg.norm(g)) / max(damping, 1e-12)
+            analog_time, burn_in, _ = plan_readout(self.target_rel_error, x_norm, g.shape[0], max(damping, 1e-12),
+                                                   kappa or 0.0, max_time=self.max_analog_time,
+                                                   adc_var=self._noise.adc_var, sample_interval=self._noise.interval)
+        events = list(state.guard_events)
+        first = self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0)
         t0 = time.perf_counter()
-        res = self.device.step(drift, g, self.analog_time, burn_in=self.burn_in,
-                               delay=self.delay if state.steps else 0.0, reset=self.init_mode == "reset")
-        stats = StepStats(res.analog_time_s, time.perf_counter() - t0, state.damping)
-        return np.asarray(res.mean, dtype=np.float64), replace(state, steps=state.steps + 1, pending=None,
-                                                               stats=stats)
+        analog_s = 0.0
+        for attempt in range(guard.max_retries + 1):
+            # damped() checks lambda and the drift's form, and reuses the curvature's validated
+            # arrays (drift.damped): the curvature is not scanned for NaN a second time
+            drift = self.adapt(damped(curvature, damping))
+            if first:
+                self.device.state = g
+            elif attempt and state.start is not None:
+                self.device.state = state.start  # a retry starts where the failed attempt did
+            try:
+                res = self.device.step(drift, g, analog_time, burn_in=burn_in,
+                                       delay=self.delay if state.steps else 0.0, reset=self.init_mode == "reset")
+            except NotStableError:
+                if not guard.enabled or attempt == guard.max_retries:
+                    raise
+                unstable, margin = True, None
+            else:
+                analog_s += res.analog_time_s
+                unstable = bool(res.diagnostics.get("unstable", False))
+                margin = res.diagnostics.get("stability_margin")
+                if not (unstable and guard.enabled and attempt < guard.max_retries):
+                    break
+            raised = guard.retry_damping(damping)
+            events.append(GuardEvent(state.steps, "unstable", damping, raised, margin))
+            damping = raised
+        floor = max(state.floor, damping) if damping > max(state.damping, state.floor) else state.floor
+        new_floor = guard.floor_after(floor, damping, margin)
+        if new_floor > floor:
+            events.append(GuardEvent(state.steps, "margin", damping, new_floor, margin))
+        x_bar = np.asarray(res.mean, dtype=np.float64)
+        kappa_now = res.diagnostics.get("kappa", kappa)
+        scale = float(res.diagnostics.get("range_scale", 1.0))
+        est = None if kappa_now is None else estimated_rel_error(
+            float(np.linalg.norm(x_bar)), g.shape[0], max(damping, 1e-12), float(kappa_now), analog_time - burn_in,
+            adc_var=self._noise.adc_var * scale**2, sample_interval=self._noise.interval)
+        stats = StepStats(analog_s, time.perf_counter() - t0, damping, attempt, margin, analog_time, burn_in, est)
+        return x_bar, replace(state, steps=state.steps + 1, pending=None, stats=stats, floor=new_floor,
+                              guard_events=tuple(events), x_norm=float(np.linalg.norm(x_bar)),
+                              kappa=None if kappa_now is None else float(kappa_now), start=res.state)
 
     def _restore(self, pending: DeviceCheckpoint | None) -> None:
         if pending is None:
@@ -224,3 +316,26 @@ class TNGDCore:
             return replace(state, last=None)
         device_state = np.asarray(self.device.state, dtype=np.float64)
         return replace(state, last=None, pending=DeviceCheckpoint(device_state, take_snapshot(self.device)))
+
+
+@dataclass(frozen=True)
+class _DeclaredNoise:
+    """What the device's ``info()`` says of its noise, in its full-scale units (0 when silent)."""
+
+    kappa: float | None
+    adc_var: float  # per-sample ADC noise variance: read noise^2 + LSB^2 / 12
+    interval: float  # ADC sample interval, tau
+
+
+def _declared_noise(device: Device) -> _DeclaredNoise:
+    try:
+        info = device.info()
+    except Exception:  # noqa: BLE001 - a test double or a board with a terse info(): plan without it
+        return _DeclaredNoise(None, 0.0, 0.1)
+    adc = info.get("adc") if isinstance(info.get("adc"), dict) else {}
+    bits, fs = int(adc.get("bits", 0) or 0), float(adc.get("full_scale", 1.0) or 1.0)
+    lsb = 2.0 * fs / 2**bits if bits else 0.0
+    var = float(adc.get("read_noise_std", 0.0) or 0.0) ** 2 + lsb**2 / 12.0
+    kappa = info.get("kappa")
+    return _DeclaredNoise(float(kappa) if isinstance(kappa, (int, float)) else None, var,
+                          float(adc.get("sample_interval", 0.1) or 0.1))

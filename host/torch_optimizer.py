@@ -38,6 +38,7 @@ from protocol.errors import InvalidInputError
 
 from .baselines import NGDCG, ExactNGD
 from .curvature import Curvature, loss_value, torch_curvature
+from .guard import StabilityGuard
 from .tngd_core import DeviceCheckpoint, LevenbergMarquardt, StepStats, TNGDCore, TNGDState
 
 _INNER_KEYS = {"sgd": ("lr", "momentum", "weight_decay", "nesterov", "dampening"),
@@ -156,19 +157,23 @@ class TNGDOptimizer(CurvatureOptimizer):
         kind: "ggn" or "empirical" (Fisher).
         lm: optional ``LevenbergMarquardt``; then call ``adapt_damping(model, inputs, targets)``
             after ``step`` (one extra forward pass).
+        guard, target_rel_error, max_analog_time: the stability guard and the noise-aware readout
+            (``analog_time="auto"``): see ``host.tngd_core.TNGDCore``.
 
     ``engine`` is the ``TNGDCore`` that solves (``engine.device`` the device) and ``tngd_state``
     its ``TNGDState``: together with ``inner``'s state that is what ``state_dict`` saves.
     """
 
-    def __init__(self, params: Any, device: Device, lr: float = 0.01, analog_time: float = 50.0,
+    def __init__(self, params: Any, device: Device, lr: float = 0.01, analog_time: float | str = 50.0,
                  damping: float = 0.01, delay: float = 0.0, burn_in: float = 0.0, *, init: str = "warm",
                  inner: str = "sgd", momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, loss: str = "cross_entropy", kind: str = "ggn",
-                 lm: LevenbergMarquardt | None = None) -> None:
+                 lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
+                 target_rel_error: float = 0.1, max_analog_time: float = 1e4) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)
-        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm)
+        self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
+                               target_rel_error=target_rel_error, max_analog_time=max_analog_time)
         if lr <= 0.0:
             raise InvalidInputError(f"lr must be > 0, got {lr}")
         self.tngd_state: TNGDState = self.engine.init(damping)
@@ -214,7 +219,8 @@ class TNGDOptimizer(CurvatureOptimizer):
         saved = self.engine.capture(self.tngd_state)
         dev = saved.pending or DeviceCheckpoint()
         state = np.zeros(0) if dev.state is None else dev.state
-        return {"steps": saved.steps, "damping": saved.damping,
+        return {"steps": saved.steps, "damping": saved.damping, "floor": saved.floor, "x_norm": saved.x_norm,
+                "kappa": saved.kappa,
                 "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64)),
                 "device_snapshot": snapshot_to_torch(dev.snapshot)}
 
@@ -222,8 +228,11 @@ class TNGDOptimizer(CurvatureOptimizer):
         st = extra["device_state"].detach().cpu().numpy().astype(np.float64)
         pending = DeviceCheckpoint(st if st.size else None, snapshot_from_torch(extra.get("device_snapshot")))
         has = pending.state is not None or pending.snapshot is not None
+        kappa = extra.get("kappa")  # checkpoints from before the guard carry no floor, scale or kappa
         self.tngd_state = TNGDState(steps=int(extra["steps"]), damping=float(extra["damping"]),
-                                    pending=pending if has else None)
+                                    pending=pending if has else None, floor=float(extra.get("floor", 0.0)),
+                                    x_norm=float(extra.get("x_norm", 0.0)),
+                                    kappa=None if kappa is None else float(kappa))
 
 
 class NGDOptimizer(CurvatureOptimizer):

@@ -1,0 +1,151 @@
+"""The host's stability guard and noise-aware readout (issue 13)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+import host
+from host.guard import StabilityGuard
+from host.readout_plan import estimated_rel_error, plan_readout, window_noise_variance
+from protocol.device import RunResult
+from protocol.drift import Diagonal, Factored
+from protocol.errors import InvalidInputError, NotStableError
+from thermo_device import Emulator, load_profile
+
+THRESHOLD = 0.05  # the fake chip below realises an unstable drift for damping below this
+
+
+class _FlakyChip(Emulator):
+    """An emulator whose realised drift loses THRESHOLD - 0.01 of stability: below THRESHOLD
+    damping it is unstable (reported, or raised when ``raises``), above it the margin shrinks."""
+
+    def __init__(self, raises: bool = False) -> None:
+        super().__init__(load_profile("ideal", {"noise.kappa": 1e-6}), seed=0)
+        self.raises = raises
+        self.dampings: list[float] = []
+
+    def step(self, drift: Any, bias: Any, duration: float, **kw: Any) -> RunResult:
+        self.dampings.append(drift.damping)
+        margin = drift.damping - (THRESHOLD - 0.01)
+        if drift.damping < THRESHOLD:
+            if self.raises:
+                raise NotStableError("realised drift is not positive-stable")
+            res = super().step(drift, bias, duration, **kw)
+            return replace(res, mean=np.full_like(res.mean, 1e3),
+                           diagnostics={**res.diagnostics, "unstable": True, "stability_margin": margin - 0.01})
+        res = super().step(drift, bias, duration, **kw)
+        return replace(res, diagnostics={**res.diagnostics, "unstable": False, "stability_margin": margin})
+
+
+def _problem(n: int = 12, m: int = 4, seed: int = 0) -> tuple[np.ndarray, Factored]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(n), Factored(rng.standard_normal((m, n)), np.eye(m))
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_guard_retries_unstable_steps_and_keeps_a_floor(raises: bool) -> None:
+    dev = _FlakyChip(raises)
+    opt = host.TNGD(dev, lr=0.1, analog_time=20.0, damping=0.01)
+    g, curv = _problem()
+    opt.step(g, curv)
+    # 0.01 -> 0.02 -> 0.04 (unstable) -> 0.08: three retries, the last attempt stable
+    assert dev.dampings == pytest.approx([0.01, 0.02, 0.04, 0.08])
+    assert opt.last.retries == 3 and opt.last.damping == pytest.approx(0.08)
+    assert [e.reason for e in opt.state.guard_events] == ["unstable"] * 3
+    assert opt.state.floor == pytest.approx(0.08) and opt.damping == 0.01  # LM's damping is the user's
+    # the readout is the solution of the stable attempt, not the runaway one
+    exact = np.linalg.solve(curv.dense() + 0.08 * np.eye(12), g)
+    assert np.abs(opt.state.start).max() < 1e2
+    x, opt.state = opt.engine.solve(opt.state, g, curv)
+    assert np.linalg.norm(x - exact) < 0.5 * np.linalg.norm(exact)
+    dev.dampings.clear()
+    opt.step(g, curv)
+    assert dev.dampings == pytest.approx([0.08]) and opt.last.retries == 0  # the floor holds
+
+
+def test_guard_raises_the_floor_when_the_margin_is_thin() -> None:
+    dev = _FlakyChip()
+    opt = host.TNGD(dev, lr=0.1, analog_time=5.0, damping=0.06)  # stable, margin 0.02 < 0.5 * 0.06
+    g, curv = _problem()
+    opt.step(g, curv)
+    assert opt.last.retries == 0 and opt.last.stability_margin == pytest.approx(0.02)
+    assert [e.reason for e in opt.state.guard_events] == ["margin"]
+    assert opt.state.floor == pytest.approx(0.06 + (0.03 - 0.02))
+    opt.step(g, curv)
+    assert dev.dampings[-1] == pytest.approx(0.07)
+
+
+def test_guard_off_passes_the_error_through() -> None:
+    opt = host.TNGD(_FlakyChip(raises=True), lr=0.1, analog_time=5.0, damping=0.01,
+                    guard=StabilityGuard(enabled=False))
+    with pytest.raises(NotStableError):
+        opt.step(*_problem())
+
+
+def test_ideal_device_is_untouched_by_the_guard() -> None:
+    g, curv = _problem()
+    on = host.TNGD(host.connect("embedded:ideal", seed=3), lr=0.1, analog_time=5.0, damping=0.01)
+    off = host.TNGD(host.connect("embedded:ideal", seed=3), lr=0.1, analog_time=5.0, damping=0.01,
+                    guard=StabilityGuard(enabled=False))
+    for _ in range(3):
+        assert np.array_equal(on.step(g, curv), off.step(g, curv))
+    assert on.state.guard_events == () and on.state.floor == 0.0
+
+
+def test_window_noise_variance_limits() -> None:
+    kappa, a = 0.3, 2.0
+    assert window_noise_variance(a, kappa, 1e6) == pytest.approx(2 * kappa / (a * a * 1e6), rel=1e-5)
+    assert window_noise_variance(a, kappa, 1e-6) == pytest.approx(2 * kappa * 1e-6 / 3, rel=1e-5)
+    assert window_noise_variance(a, kappa, 0.0) == pytest.approx(kappa / a)
+
+
+def test_window_noise_variance_matches_the_emulator() -> None:
+    """Var of the window average from a fixed start, over independent exact runs, against v(a, T):
+    the sample variance of K Gaussian draws has relative standard error sqrt(2 / (K - 1))."""
+    rates = np.array([0.05, 0.5, 5.0])
+    kappa, window, k = 0.01, 8.0, 400
+    # dense ADC grid so the discrete average is close to the continuous one (error O(a h) <= 5e-3)
+    emu = Emulator(load_profile("ideal", {"noise.kappa": kappa, "adc.sample_interval": 0.001}), seed=1)
+    emu.program(Diagonal(rates), np.zeros(3))
+    means = np.array([emu.run(window, reset=True).mean for _ in range(k)])
+    var = means.var(axis=0, ddof=1)
+    theory = window_noise_variance(rates, kappa, window)
+    z = (var / theory - 1.0) / math.sqrt(2.0 / (k - 1))
+    assert np.all(np.abs(z) < 3.5), (var, theory, z)
+
+
+def test_plan_readout_meets_its_target_and_is_honest() -> None:
+    n, damping, kappa, x_norm = 200, 0.1, 1e-3, 5.0
+    total, burn, est = plan_readout(0.05, x_norm, n, damping, kappa, max_time=1e5)
+    assert 0.0 < burn < total and est <= 0.025 * (1 + 1e-9)
+    assert math.exp(-damping * burn) <= 0.025 * (1 + 1e-9)
+    # a shorter window would miss the noise half of the target
+    assert estimated_rel_error(x_norm, n, damping, kappa, 0.9 * (total - burn)) > 0.025
+    with pytest.raises(InvalidInputError):
+        host.TNGD(host.connect("embedded:ideal"), lr=0.1, analog_time="auto", damping=0.1, target_rel_error=0.0)
+
+
+def test_auto_readout_reaches_the_target_on_a_noisy_device() -> None:
+    """TNGD with analog_time='auto' on a device with kappa 1e-3: the step's x_bar is within the
+    target of the exact damped solution, and the reported estimate bounds the measured error."""
+    rng = np.random.default_rng(5)
+    n, m = 40, 6
+    j = rng.standard_normal((m, n)) / math.sqrt(n)
+    g = rng.standard_normal(n)
+    damping = 0.2
+    dev = host.connect("embedded:ideal", seed=2, overrides={"noise.kappa": 1e-3})
+    opt = host.TNGD(dev, lr=1.0, analog_time="auto", damping=damping, target_rel_error=0.05)
+    curv = Factored(j, np.eye(m))
+    exact = np.linalg.solve(curv.dense() + damping * np.eye(n), g)
+    errs = []
+    for _ in range(4):
+        x, opt.state = opt.engine.solve(opt.state, g, curv)
+        errs.append(np.linalg.norm(x - exact) / np.linalg.norm(exact))
+    assert max(errs) < 0.05, errs
+    assert opt.last.est_rel_error is not None and opt.last.est_rel_error <= 0.025 * 1.2
+    assert opt.last.burn_in > 0 and opt.last.analog_time > opt.last.burn_in
