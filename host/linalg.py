@@ -2,8 +2,9 @@
 
 * ``solve``: the stationary mean of dx = -(A x - b) dt + sqrt(2 kappa) dW is A^-1 b. The window
   average over T has covariance about 2 kappa A^-2 / T.
-* ``inverse``: the stationary covariance is ``covariance_scale`` * A^-1 (kappa overdamped,
-  kappa R for the RLC array), estimated from the window's second moment.
+* ``inverse``: the stationary covariance is ``covariance_scale`` * A^-1 (kappa, on the overdamped
+  array and on the RLC array alike: its resistors' noise obeys fluctuation-dissipation), estimated
+  from the window's second moment.
 
 Error bars come from batch means: the window is split into ``batches`` consecutive runs (warm
 start), and the spread of the batch estimates gives a standard error that needs no knowledge of A.

@@ -63,7 +63,8 @@ class TNGD:
         lm: a ``LevenbergMarquardt`` schedule for lambda; call ``adapt_damping`` after a step.
         guard: the ``StabilityGuard`` (on by default; ``host.guard``): on a chip whose mismatch
             makes the realised drift unstable, it retries with more damping and keeps a floor.
-        target_rel_error, max_analog_time: with ``analog_time="auto"``, the readout is planned from
+        offset_cancel: solve with g and -g and take the half difference (cancels the cells' offsets).
+        target_rel_error, min_analog_time, max_analog_time: with ``analog_time="auto"``, the readout is planned from
             the device's declared noise for this relative error of x_bar (``host.readout_plan``).
 
     ``engine`` is the ``TNGDCore`` that solves, ``state`` its ``TNGDState`` (steps, damping, the
@@ -74,9 +75,11 @@ class TNGD:
                  delay: float = 0.0, burn_in: float = 0.0, *, init: str = "warm", optimizer: str = "sgd",
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
-                 target_rel_error: float = 0.1, max_analog_time: float = 1e4) -> None:
+                 target_rel_error: float = 0.1, min_analog_time: float = 50.0,
+                 max_analog_time: float = 1e4, offset_cancel: bool = False) -> None:
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
-                               target_rel_error=target_rel_error, max_analog_time=max_analog_time)
+                               target_rel_error=target_rel_error, min_analog_time=min_analog_time,
+                               max_analog_time=max_analog_time, offset_cancel=offset_cancel)
         if lr <= 0.0:
             raise InvalidInputError(f"lr must be > 0, got {lr}")
         if optimizer == "sgd":

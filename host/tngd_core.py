@@ -135,6 +135,7 @@ class TNGDState:
         x_norm: |x_bar| of the last solve (the noise-aware readout's scale), 0 before any.
         kappa: the noise strength in host units the device last reported, None before any.
         start: the analog state the last solve ended in (host units): where a retried solve starts.
+        neg_start: with offset cancellation, where the -g run of the last solve ended.
     """
 
     steps: int = 0
@@ -147,6 +148,7 @@ class TNGDState:
     x_norm: float = 0.0
     kappa: float | None = None
     start: np.ndarray | None = None
+    neg_start: np.ndarray | None = None
 
 
 def take_snapshot(device: Device) -> DeviceSnapshot | None:
@@ -169,24 +171,32 @@ class TNGDCore:
         init: "warm", "grad" or "reset": where each solve starts (``host.tngd``'s docstring).
         lm: a ``LevenbergMarquardt`` schedule for lambda, or None (``lm_update`` then refuses).
         guard: the ``StabilityGuard`` (``host.guard``); ``StabilityGuard(enabled=False)`` turns it off.
-        target_rel_error: with ``analog_time="auto"``, the relative error of x_bar against
-            (G + lambda I)^-1 g that the readout is planned for (``host.readout_plan``); the
-            planned ``analog_time`` and ``burn_in`` replace the fixed ones, capped at ``max_analog_time``.
+        target_rel_error: with ``analog_time="auto"``, the relative noise error of x_bar the
+            readout must meet (``host.readout_plan``). The readout is ``min_analog_time`` with
+            ``burn_in`` when its estimated error already meets the target (a quiet device runs
+            exactly as with that fixed time); otherwise the planned ``analog_time`` and ``burn_in``
+            (a burn-in that forgets the warm start, then a window that averages the noise down),
+            at least ``min_analog_time`` and at most ``max_analog_time``.
+        offset_cancel: solve with g and with -g (the same drift, each run warm-starting from its
+            own last state) and take the half difference: op-amp offsets and other errors that do
+            not change sign with b cancel, at twice the analog time.
     """
 
     def __init__(self, device: Device, analog_time: float | str, delay: float = 0.0, burn_in: float = 0.0, *,
                  init: str = "warm", lm: LevenbergMarquardt | None = None,
                  guard: StabilityGuard | None = None, target_rel_error: float = 0.1,
-                 max_analog_time: float = 1e4) -> None:
+                 min_analog_time: float = 50.0, max_analog_time: float = 1e4,
+                 offset_cancel: bool = False) -> None:
         if init not in INITS:
             raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
         self.auto = analog_time == "auto"
         if self.auto:
             if not 0.0 < target_rel_error < 1.0:
                 raise InvalidInputError(f"target_rel_error must lie in (0, 1), got {target_rel_error}")
-            if not max_analog_time > 0.0:
-                raise InvalidInputError(f"max_analog_time must be > 0, got {max_analog_time}")
-            analog_time = max_analog_time
+            if not 0.0 < min_analog_time <= max_analog_time:
+                raise InvalidInputError(f"need 0 < min_analog_time ({min_analog_time}) <= max_analog_time "
+                                        f"({max_analog_time})")
+            analog_time = min_analog_time
         elif isinstance(analog_time, str):
             raise InvalidInputError(f"analog_time must be a number of tau or 'auto', got {analog_time!r}")
         if not 0.0 <= burn_in <= analog_time:
@@ -194,6 +204,7 @@ class TNGDCore:
         self.guard = guard if guard is not None else StabilityGuard()
         self.target_rel_error = float(target_rel_error)
         self.max_analog_time = float(max_analog_time)
+        self.offset_cancel = bool(offset_cancel)
         if delay < 0.0:
             raise InvalidInputError(f"delay must be >= 0, got {delay}")
         self.device = device
@@ -226,9 +237,14 @@ class TNGDCore:
         analog_time, burn_in = self.analog_time, self.burn_in
         if self.auto:
             x_norm = state.x_norm or float(np.linalg.norm(g)) / max(damping, 1e-12)
-            analog_time, burn_in, _ = plan_readout(self.target_rel_error, x_norm, g.shape[0], max(damping, 1e-12),
-                                                   kappa or 0.0, max_time=self.max_analog_time,
-                                                   adc_var=self._noise.adc_var, sample_interval=self._noise.interval)
+            lam = max(damping, 1e-12)
+            noise = {"adc_var": self._noise.adc_var, "sample_interval": self._noise.interval}
+            if estimated_rel_error(x_norm, g.shape[0], lam, kappa or 0.0, analog_time - burn_in,
+                                   **noise) > self.target_rel_error:
+                analog_time, burn_in, _ = plan_readout(self.target_rel_error, x_norm, g.shape[0], lam,
+                                                       kappa or 0.0, max_time=self.max_analog_time, **noise)
+                if analog_time < self.analog_time:  # never shorter than the base readout
+                    analog_time, burn_in = self.analog_time, min(burn_in, self.analog_time)
         events = list(state.guard_events)
         first = self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0)
         t0 = time.perf_counter()
@@ -262,6 +278,17 @@ class TNGDCore:
         if new_floor > floor:
             events.append(GuardEvent(state.steps, "margin", damping, new_floor, margin))
         x_bar = np.asarray(res.mean, dtype=np.float64)
+        neg_start = state.neg_start
+        if self.offset_cancel:
+            # the same drift with -g, from the -g run's own warm start: x_bar(g) - x_bar(-g) is
+            # 2 A^-1 g with the cells' offsets (and every other bias-independent error) cancelled
+            pos_end = res.state
+            self.device.state = -g if first or neg_start is None else neg_start
+            neg = self.device.step(drift, -g, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
+            analog_s += neg.analog_time_s
+            x_bar = 0.5 * (x_bar - np.asarray(neg.mean, dtype=np.float64))
+            neg_start = neg.state
+            self.device.state = pos_end  # the next step continues the +g run's warm start
         kappa_now = res.diagnostics.get("kappa", kappa)
         scale = float(res.diagnostics.get("range_scale", 1.0))
         est = None if kappa_now is None else estimated_rel_error(
@@ -270,7 +297,8 @@ class TNGDCore:
         stats = StepStats(analog_s, time.perf_counter() - t0, damping, attempt, margin, analog_time, burn_in, est)
         return x_bar, replace(state, steps=state.steps + 1, pending=None, stats=stats, floor=new_floor,
                               guard_events=tuple(events), x_norm=float(np.linalg.norm(x_bar)),
-                              kappa=None if kappa_now is None else float(kappa_now), start=res.state)
+                              kappa=None if kappa_now is None else float(kappa_now), start=res.state,
+                              neg_start=neg_start)
 
     def _restore(self, pending: DeviceCheckpoint | None) -> None:
         if pending is None:

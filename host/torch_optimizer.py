@@ -157,7 +157,7 @@ class TNGDOptimizer(CurvatureOptimizer):
         kind: "ggn" or "empirical" (Fisher).
         lm: optional ``LevenbergMarquardt``; then call ``adapt_damping(model, inputs, targets)``
             after ``step`` (one extra forward pass).
-        guard, target_rel_error, max_analog_time: the stability guard and the noise-aware readout
+        guard, target_rel_error, min_analog_time, max_analog_time: the stability guard and the noise-aware readout
             (``analog_time="auto"``): see ``host.tngd_core.TNGDCore``.
 
     ``engine`` is the ``TNGDCore`` that solves (``engine.device`` the device) and ``tngd_state``
@@ -169,11 +169,13 @@ class TNGDOptimizer(CurvatureOptimizer):
                  inner: str = "sgd", momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, loss: str = "cross_entropy", kind: str = "ggn",
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
-                 target_rel_error: float = 0.1, max_analog_time: float = 1e4) -> None:
+                 target_rel_error: float = 0.1, min_analog_time: float = 50.0,
+                 max_analog_time: float = 1e4, offset_cancel: bool = False) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
-                               target_rel_error=target_rel_error, max_analog_time=max_analog_time)
+                               target_rel_error=target_rel_error, min_analog_time=min_analog_time,
+                               max_analog_time=max_analog_time, offset_cancel=offset_cancel)
         if lr <= 0.0:
             raise InvalidInputError(f"lr must be > 0, got {lr}")
         self.tngd_state: TNGDState = self.engine.init(damping)

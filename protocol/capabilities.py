@@ -51,6 +51,15 @@ class Capabilities:
         deterministic: the same seed and calls give the same numbers (emulators, simulated boards).
         max_rank: for factored drifts, the largest m (rows of J); None = no limit below cells.
         interface_version: BACKEND_INTERFACE_VERSION the backend was written against.
+        coupling_rel_error: standard deviation of the error of one realised conductance, relative
+            to the largest conductance of its array: sqrt(mismatch_rel_std^2 + (LSB / sqrt(12))^2),
+            LSB the coupling code step relative to that largest entry (1 / (2^(bits-1) - 1);
+            LSB^2 / 6 in place of LSB^2 / 12 with stochastic rounding). It
+            bounds every entry (mismatch is relative to each entry, at most the largest), so a
+            host can predict how far the realised drift strays from its own, e.g. the shift of
+            the smallest eigenvalue, and size the damping that keeps it positive-stable. Errors
+            of distinct conductances are independent (a Factored drift's J and J^T arrays too).
+            0 for a device that realises its couplings exactly; absent (0) on older devices.
     """
 
     backend: str
@@ -68,6 +77,7 @@ class Capabilities:
     deterministic: bool = False
     max_rank: int | None = None
     interface_version: int = BACKEND_INTERFACE_VERSION
+    coupling_rel_error: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drift_forms", tuple(self.drift_forms))
@@ -85,6 +95,9 @@ class Capabilities:
                 raise InvalidInputError(f"capabilities.{name} must be a positive number, got {v!r}")
         if not (math.isfinite(self.precision) and self.precision >= 0.0):
             raise InvalidInputError(f"capabilities.precision must be >= 0, got {self.precision!r}")
+        if not (isinstance(self.coupling_rel_error, (int, float)) and math.isfinite(self.coupling_rel_error)
+                and self.coupling_rel_error >= 0.0):
+            raise InvalidInputError(f"capabilities.coupling_rel_error must be >= 0, got {self.coupling_rel_error!r}")
 
     def accepts(self, form: str) -> bool:
         return form in self.drift_forms

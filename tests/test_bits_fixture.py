@@ -1,8 +1,9 @@
 """Same profile + seed = the same bits as before the composer redesign (issue 12).
 
 The fixture was recorded by ``tests/bits_cases.py`` on the code before the redesign; every
-returned array, diagnostic and calibration summary of every scenario must hash the same today.
-A change that moves the random stream on purpose re-records the fixture and says so.
+returned array, diagnostic and calibration summary of every scenario must hash the same today,
+except for the cases listed in ``CHANGED_ON_PURPOSE`` (with the reason) and for diagnostics keys
+that did not exist when it was recorded (new keys are allowed; old keys keep their values).
 """
 
 from __future__ import annotations
@@ -25,11 +26,27 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", _NUMPY_SCALAR.sub(r"\1", v) if isinstance(v, str) else v
 
 
+# Cases whose numbers changed on purpose since the recording, and why. The fixture stays the
+# record of the code before the composer redesign; it is never re-recorded for these.
+# * spu-8cell*: issue 13's fluctuation-dissipation fix. The RLC board's thermal noise is now
+#   sqrt(2 kappa / R) C^-1 dW (it was sqrt(2 kappa) C^-1 dW, R times too much variance), which
+#   changes every underdamped transition covariance and hence every number of these cases.
+CHANGED_ON_PURPOSE = ("spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/")
+# Diagnostics keys added after the recording are allowed (a run may report more than it did);
+# every key the recording has must still be there with its value. Added so far: issue 13's
+# "stability_margin" and "unstable".
+_DIAGNOSTICS = "/diagnostics/"
+
+
+def _compared(flat: dict) -> dict:
+    return {k: v for k, v in flat.items() if not k.startswith(CHANGED_ON_PURPOSE)}
+
+
 def test_every_profile_gives_the_recorded_bits():
-    expected = dict(_flatten(json.loads(FIXTURE.read_text())))
-    got = dict(_flatten(record()))
+    expected = _compared(dict(_flatten(json.loads(FIXTURE.read_text()))))
+    got = _compared(dict(_flatten(record())))
     missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
+    extra = sorted(k for k in set(got) - set(expected) if _DIAGNOSTICS not in k)
     changed = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
     assert not missing and not extra and not changed, (
         f"missing {missing[:10]}, new {extra[:10]}, changed {len(changed)}: "

@@ -100,9 +100,11 @@ def _rlc(n: int = 4):
 
 @pytest.mark.parametrize("method", ["exact", "baoab", "euler_maruyama"])
 def test_underdamped_stationary_covariance(method: str) -> None:
-    """v ~ N(0, kappa R C^-1) and i ~ N(0, kappa R / L): sampling the board inverts C."""
+    """v ~ N(0, kappa C^-1): sampling the board inverts C (fluctuation-dissipation, issue 13: the
+    law is independent of R; the old test asserted kappa R C^-1 at R = 1, where both agree, and
+    now runs at R = 2, where they differ by 2x)."""
     c = _rlc()
-    kappa, r_ohm, l_h = 0.2, 1.0, 1.0
+    kappa, r_ohm, l_h = 0.2, 2.0, 1.0
     emu = emulator(3, device__dynamics="underdamped", noise__kappa=kappa, integrator__method=method,
                    integrator__dt=0.01, underdamped__resistance=r_ohm, underdamped__inductance=l_h,
                    adc__sample_interval=12.0)
@@ -111,7 +113,7 @@ def test_underdamped_stationary_covariance(method: str) -> None:
     emu.run(60.0, burn_in=60.0)
     res = emu.run(12.0 * n_samples, samples=n_samples)
     s = np.cov(res.samples, rowvar=False)
-    sigma = kappa * r_ohm * np.linalg.inv(c)
+    sigma = kappa * np.linalg.inv(c)
     if method == "euler_maruyama":
         # EM is biased at any fixed dt; its own stationary covariance is the discrete Lyapunov
         # solution for z' = (I - h F) z + sqrt(h) G xi.
@@ -128,14 +130,16 @@ def test_underdamped_stationary_covariance(method: str) -> None:
 
 
 def test_underdamped_current_covariance_exact_lyapunov() -> None:
-    """The exact propagator's full 2N stationary covariance solves F S + S F^T = D."""
+    """The model's full 2N stationary covariance (F S + S F^T = kappa D) is kappa diag(C^-1, L^-1)
+    for R = 0.5 (equipartition; the old, wrong law was kappa R C^-1 and kappa R / L)."""
     from thermo_device.dynamics import underdamped_system
 
     c = _rlc(3)
     sysm = underdamped_system(Dense(c), np.zeros(3), 2.0, 0.5)
     s = scipy.linalg.solve_continuous_lyapunov(sysm.F, 0.3 * sysm.D)
-    np.testing.assert_allclose(s[:3, :3], 0.3 * 0.5 * np.linalg.inv(c), rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(s[3:, 3:], 0.3 * 0.5 / 2.0 * np.eye(3), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(s[:3, :3], 0.3 * np.linalg.inv(c), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(s[3:, 3:], 0.3 / 2.0 * np.eye(3), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(s[:3, 3:], 0.0, atol=1e-12)  # v and i uncorrelated at equilibrium
 
 
 def test_underdamped_refuses_bias_and_factored() -> None:

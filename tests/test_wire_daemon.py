@@ -450,16 +450,18 @@ def test_ping_status_and_close_do_not_wait_behind_a_long_run(daemon):
             dev.program(Diagonal(np.ones(64)))
         longest = load_profile("ideal").device.max_duration
         duration = 1e4
+        # samples=1 keeps the sampled readout (every ADC sample stepped): the closed-form window
+        # would finish any duration in milliseconds, and this test needs a run that takes seconds
         while True:  # a run long enough to time: fixed costs make a short one a poor estimate
             t0 = time.perf_counter()
-            a.run(duration)
+            a.run(duration, samples=1)
             elapsed = time.perf_counter() - t0
             if elapsed > 0.3 or duration >= longest:
                 break
             duration = min(longest, duration * 4)
         duration = min(longest, duration * 3.0 / elapsed)  # about 3 s
         done = {}
-        runner = threading.Thread(target=lambda: done.setdefault("r", a.run(duration)))
+        runner = threading.Thread(target=lambda: done.setdefault("r", a.run(duration, samples=1)))
         runner.start()
         time.sleep(0.3)
         t1 = time.perf_counter()

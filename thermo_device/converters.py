@@ -33,8 +33,13 @@ def lsb(bits: int, full_scale: float) -> float:
 
 
 def quantize(x: np.ndarray, bits: int, full_scale: float, rounding: str = "nearest",
-             rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-    """Round x to the converter's codes; returns (values, number of clipped entries)."""
+             rng: np.random.Generator | None = None, *, pairs: bool = False) -> tuple[np.ndarray, int]:
+    """Round x to the converter's codes; returns (values, number of clipped entries).
+
+    ``pairs`` (a square array whose (i, j) and (j, i) entries are one component): stochastic
+    rounding uses one draw per pair (the upper triangle's), so a symmetric array stays symmetric.
+    The full array is still drawn, so the noise stream advances as without it.
+    """
     if bits == 0:
         return x, 0
     step = lsb(bits, full_scale)
@@ -45,14 +50,19 @@ def quantize(x: np.ndarray, bits: int, full_scale: float, rounding: str = "neare
         if rng is None:
             raise ValueError("stochastic rounding needs a generator")
         k = np.floor(u)
-        k += rng.random(u.shape) < (u - k)
+        draw = rng.random(u.shape)
+        if pairs:
+            draw = np.triu(draw) + np.triu(draw, 1).T
+        k += draw < (u - k)
     else:
         k = np.rint(u)
     return np.clip(k, lo, hi) * step, clipped
 
 
-def quantize_array(a: np.ndarray, bits: int, rounding: str, rng: np.random.Generator | None) -> np.ndarray:
-    """Conductance programming: quantize relative to the array's largest |entry|."""
+def quantize_array(a: np.ndarray, bits: int, rounding: str, rng: np.random.Generator | None, *,
+                   pairs: bool = False) -> np.ndarray:
+    """Conductance programming: quantize relative to the array's largest |entry| (``pairs``: see
+    ``quantize``)."""
     if bits == 0:
         return a
     scale = float(np.max(np.abs(a)))
@@ -60,7 +70,7 @@ def quantize_array(a: np.ndarray, bits: int, rounding: str, rng: np.random.Gener
         return a
     # the largest entry maps to the top code, so the array's full scale is max|a| (1 + LSB)
     fs = scale * 2 ** (bits - 1) / (2 ** (bits - 1) - 1) if bits > 1 else scale
-    q, _ = quantize(a, bits, fs, rounding, rng)
+    q, _ = quantize(a, bits, fs, rounding, rng, pairs=pairs)
     return q
 
 
@@ -116,11 +126,17 @@ def write_couplings(work: ProgramWork) -> None:
 
     Arrays are written in the drift's own order (Factored: J, then H), which fixes the draws of
     stochastic rounding. The damping of a Factored drift is a separate, unquantised conductance.
+    Arrays with one component per pair of cells (a Factored H, whose mismatch is symmetric too,
+    and the RLC board's capacitance matrix) get one stochastic rounding per pair: independent
+    roundings would make a symmetric PSD H non-symmetric and refuse a drift the host got right.
     """
     cfg = work.profile.coupling
     rounding = work.rounding_coupling
-    codes = {name: quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, rounding, work.rng)
-             for name, a in work.drift.arrays().items()}
+    drift = work.drift
+    paired = {"H"} if drift.form == "factored" else ({"matrix"} if drift.form == "dense" and work.underdamped else set())
+    codes = {name: quantize_array(np.asarray(a, dtype=np.float64), cfg.bits, rounding, work.rng,
+                                  pairs=name in paired)
+             for name, a in drift.arrays().items()}
     work.report.couplings_written = codes[work.drift.array_names[0]]
     work.drift = type(work.drift).trusted(**codes, **work.drift.params())
 

@@ -7,6 +7,12 @@ errors (mismatch) at 3 sigma carried through A^-1 at condition number PRECISION_
     precision = conv + 3 cond (2 sqrt(N) coupling_rel_std + gain_rel_std + offset_V_std / V_fs / headroom)
 
 relative to the range-mapped solution (headroom = range.headroom with auto ranging, else 0.5).
+
+``Capabilities.coupling_rel_error`` is what a host needs to predict the realised drift: the
+standard deviation of one realised conductance's error relative to its array's largest entry,
+sqrt(coupling_rel_std^2 + (LSB_c / sqrt(12))^2), LSB_c = 1 / (2^(coupling.bits - 1) - 1) (the
+code step relative to that entry, ``converters.quantize_array``; 0 bits = exact; stochastic
+rounding has LSB_c^2 / 6 in place of LSB_c^2 / 12).
 """
 
 from __future__ import annotations
@@ -37,6 +43,16 @@ def declared_precision(p: Profile) -> float:
     return conv + static
 
 
+def coupling_rel_error(p: Profile) -> float:
+    """``Capabilities.coupling_rel_error`` of a profile (see the module docstring)."""
+    bits = p.coupling.bits
+    lsb_rel = 0.0 if bits == 0 else 1.0 / max(2 ** (bits - 1) - 1, 1)
+    # rounding to nearest: uniform error, LSB^2 / 12; stochastic: p (1 - p) LSB^2 averaged over a
+    # uniform fractional part p, LSB^2 / 6 (unbiased, but twice the variance)
+    per = 6.0 if p.coupling.rounding == "stochastic" else 12.0
+    return math.sqrt(p.mismatch.coupling_rel_std**2 + lsb_rel**2 / per)
+
+
 def capabilities(p: Profile) -> Capabilities:
     return Capabilities(
         backend="emulator", cells=p.device.cells, dynamics=p.device.dynamics,
@@ -44,7 +60,7 @@ def capabilities(p: Profile) -> Capabilities:
         max_duration=p.device.max_duration, sample_interval=p.adc.sample_interval,
         dac_bits=p.dac.bits, adc_bits=p.adc.bits, coupling_bits=p.coupling.bits,
         precision=declared_precision(p), supports_calibration=p.device.dynamics == "overdamped",
-        deterministic=True)
+        deterministic=True, coupling_rel_error=coupling_rel_error(p))
 
 
 def info(p: Profile, *, kappa: float, temperature_K: float, calibrated_sizes: list[int], seed: int) -> dict[str, Any]:
@@ -62,8 +78,9 @@ def info(p: Profile, *, kappa: float, temperature_K: float, calibrated_sizes: li
         "methods": list(METHODS[p.device.dynamics]),
         "tau_s": p.device.tau_s,
         "kappa": kappa,
-        # stationary covariance = covariance_scale * A^-1 (kappa R C^-1 for the RLC array)
-        "covariance_scale": kappa * (p.underdamped.resistance if p.device.dynamics == "underdamped" else 1.0),
+        # stationary covariance = covariance_scale * A^-1 for both dynamics: kappa A^-1 overdamped,
+        # kappa C^-1 on the RLC array (fluctuation-dissipation: independent of R, issue 13)
+        "covariance_scale": kappa,
         "max_duration": p.device.max_duration,
         "adc": {"bits": p.adc.bits, "full_scale": p.adc.full_scale, "sample_interval": p.adc.sample_interval,
                 "read_noise_std": p.adc.read_noise_std},

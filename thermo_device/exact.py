@@ -26,6 +26,7 @@ from numba import njit
 
 from .dynamics import GeneralSystem, ModalSystem
 from .propagator import StepCounters, WindowResult, run_blocks
+from .window_closed_form import draw_window
 
 
 @njit(cache=True, nogil=True)
@@ -82,8 +83,9 @@ def _general_window(z, phi, shift, chol, noise, k0, stride, total, out, total_ou
 class ModalPropagator:
     """Exact propagation of a ModalSystem; each call takes the rate multiplier r and kappa."""
 
-    def __init__(self, system: ModalSystem) -> None:
+    def __init__(self, system: ModalSystem, closed_form: bool = False) -> None:
         self.system = system
+        self.closed_form = closed_form
         self.rates = np.ascontiguousarray(system.all_rates)
         self.target = np.ascontiguousarray(system.target)
 
@@ -115,6 +117,13 @@ class ModalPropagator:
     def window(self, x: np.ndarray, h: float, n_steps: int, stride: int, rng: np.random.Generator,
                second_moment: bool, r: float = 1.0, kappa: float = 0.0) -> WindowResult:
         w = np.ascontiguousarray(self.system.to_modes(x))
+        s = self.system
+        if self.closed_form and stride == 0 and not second_moment:
+            # only the mean and the final state are asked for: draw them in closed form
+            last, total = draw_window(w, self.target, self.rates * r, kappa, h, n_steps,
+                                      rng if kappa > 0.0 else None)
+            return WindowResult(state=s.from_modes(last), total=s.from_modes(total),
+                                samples=np.empty((0, s.n)), total_outer=None)
         width = self.width
         decay, std = self._coefficients(h, r, kappa)
         total = np.zeros(width)
@@ -126,7 +135,6 @@ class ModalPropagator:
             _modal_window(w, decay, std, self.target, noise, k0, stride, total, out, outer)
 
         run_blocks(n_steps, width, rng if kappa > 0.0 else None, advance)
-        s = self.system
         return WindowResult(
             state=s.from_modes(w),
             total=s.from_modes(total),

@@ -36,7 +36,7 @@ def _certify(j: np.ndarray, h: np.ndarray, u: np.ndarray, mu: np.ndarray) -> flo
     return float(max(orth, eig))
 
 
-def factored_eigenbasis(j: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+def factored_eigenbasis(j: np.ndarray, h: np.ndarray, *, psd: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
     """Orthonormal u (N x r) and mu (r,) >= 0 with J^T H J = u diag(mu) u^T, r = min(m, N).
 
     span(u) contains the row space of J; outside it J^T H J vanishes, so A = J^T H J + lambda I
@@ -54,11 +54,16 @@ def factored_eigenbasis(j: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.nd
 
     This replaced a thin SVD of J (gesdd), which took 3x the Gram path's time at m = 640, N = 4510
     (docs/benchmarks.md, "Exact Factored set-up").
+
+    ``psd=False`` (a symmetric H that converter codes tipped slightly indefinite) returns mu as
+    computed, negative values included, so the caller sees the drift's true smallest rate.
     """
     m, n = j.shape
     if m == 0:
         return np.zeros((n, 0)), np.zeros(0), "empty"
     u, mu, path = _gram_or_qr(j, h)
+    if not psd:
+        return u, mu, path
     # Curvature at round-off level of the largest one is zero (a rank-deficient J or H): a
     # deterministic 0 rather than +-1e-17, so damping 0 on a singular GGN is always refused.
     mu = np.where(mu > max(m, n) * np.finfo(np.float64).eps * max(float(mu.max()), 0.0), mu, 0.0)

@@ -8,6 +8,9 @@ Thermal noise of a cell voltage, in full-scale units (config [noise])::
 The device integrates dx = ... + sqrt(2 kappa) dW with kappa = kappa_th(T) + injected_kappa: the
 8-cell board injects noise (from an FPGA) to raise its effective temperature, which does not
 follow the cell temperature. The stationary variance of a mode with rate a is kappa / a.
+On the RLC board both are current noise at the cells and enter as sqrt(2 kappa / R) C^-1 dW
+(Johnson noise, fluctuation-dissipation): injected_kappa is an increment of effective kT, so the
+stationary voltage covariance is kappa C^-1 whatever R is (``dynamics.underdamped_system``).
 
 Flicker (1/f) noise (noise.flicker_corner f_c > 0, in 1/tau) enters like a fluctuating bias,
 dx = -(A x - b - eta) dt + ..., with eta a sum of P = flicker_poles independent OU processes::

@@ -50,6 +50,10 @@ class IntegratorSection:
                        choices=("exact", "euler_maruyama", "heun", "baoab", "auto"))
     dt: float = _key(0.01, "time step of the stepping integrators, in tau (an upper bound: the "
                      "step is shrunk so readout times fall on the grid)", lo=0.0, lo_open=True, hi=10.0)
+    window: str = _key("closed_form", "readout window of the exact modal propagator: closed_form (the mean "
+                       "and final state drawn exactly in distribution, 2 normals per mode) or sampled "
+                       "(every ADC sample stepped, the random stream of earlier versions); returned samples, second "
+                       "moments and a non-ideal ADC always sample", choices=("closed_form", "sampled"))
 
 
 @dataclass(frozen=True)

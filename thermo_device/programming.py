@@ -7,7 +7,11 @@ documented there and in docs/physics.md. Each stage transforms a ``realization.P
 2. ``converters.write_couplings``: every resistor array to its conductance codes;
 3. ``Chip.apply_coupling_mismatch`` (mismatch.py): every conductance times its static (1 + d);
 4. ``Chip.apply_cell_capacitance`` (mismatch.py): per-cell capacitances;
-5. ``analyse``: the realised drift as a validated linear system (``dynamics.py``; NotStableError);
+5. ``analyse``: the realised drift as a linear system and its stability margin (``dynamics.py``).
+   A realised drift that is not positive-stable is the host's error (NotStableError) when the
+   host's own drift is not positive-stable either; otherwise it is the chip's doing (coupling codes,
+   mismatch, per-cell capacitances) and the chip runs it: time stepping with the node voltages
+   saturating at ``range_map.saturation_rail`` (``diagnostics["unstable"]``);
 6. ``range_map.map_range``: host numbers into the physical range, b / s;
 7. ``calibration.cancel_offset``: b - o_hat;
 8. ``converters.write_bias``: the bias DAC;
@@ -21,7 +25,7 @@ The RLC array (underdamped) takes stages 1-3 and its own analysis: it has no bia
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,12 +34,20 @@ from protocol.errors import UnsupportedError
 
 from . import calibration, converters, range_map
 from .calibration import Calibration
-from .dynamics import ModalSystem, SteppingOnlySystem, overdamped_system, stable_step, underdamped_system
+from .dynamics import (
+    ModalSystem,
+    SteppingOnlySystem,
+    UnstableSystem,
+    overdamped_system,
+    stable_step,
+    underdamped_system,
+)
 from .exact import GeneralPropagator, ModalPropagator
 from .mismatch import Chip
 from .noise import FlickerNoise
 from .profile import Profile
 from .propagator import Propagator
+from .range_map import saturation_rail
 from .realization import ProgramWork, Realized
 from .snapshot import ProgramSource
 from .stepping import OverdampedStepper, UnderdampedStepper
@@ -47,8 +59,21 @@ STABILITY_MARGIN = 0.9
 
 
 def analyse(work: ProgramWork) -> None:
-    """Stage: the realised drift as a linear system, validated positive-stable (bias 0 for now)."""
-    work.system = overdamped_system(work.drift, np.zeros(work.drift.dim), work.cap, work.j_out)
+    """Stage: the realised drift as a linear system and its stability margin (bias 0 for now).
+
+    The host's drift is analysed only when the realised one is not positive-stable (a stable
+    realised drift costs nothing extra): if the host's is not positive-stable either, that
+    analysis raises NotStableError (the host's error, as on an ideal chip); otherwise the chip made
+    it unstable and runs away into its rails (``program``).
+    """
+    zeros = np.zeros(work.drift.dim)
+    system = overdamped_system(work.drift, zeros, work.cap, work.j_out, unstable_ok=True)
+    if isinstance(system, UnstableSystem):
+        host = overdamped_system(work.host_drift, zeros)  # NotStableError: the host's drift
+        system = replace(system, host=host)
+    work.system = system
+    work.report.stability_margin = float(system.margin)
+    work.report.unstable = isinstance(system, UnstableSystem)
 
 
 def analyse_underdamped(work: ProgramWork) -> None:
@@ -56,6 +81,7 @@ def analyse_underdamped(work: ProgramWork) -> None:
     u = work.profile.underdamped
     work.system = underdamped_system(work.drift, work.host_bias, u.inductance, u.resistance)
     work.bias = work.host_bias
+    work.report.stability_margin = float(work.system.margin)
 
 
 def bias_system(work: ProgramWork) -> None:
@@ -76,8 +102,8 @@ def stages(profile: Profile, chip: Chip) -> tuple[Stage, ...]:
 def realize(profile: Profile, pipeline: Sequence[Stage], drift: Drift, b_host: np.ndarray,
             rng: np.random.Generator, cal: Calibration | None, *, unit_scale: bool = False) -> Realized:
     """Run the stages; invalid or unstable input raises before anything is kept."""
-    work = ProgramWork(profile=profile, rng=rng, drift=drift, bias=b_host, host_bias=b_host, calibration=cal,
-                       unit_scale=unit_scale)
+    work = ProgramWork(profile=profile, rng=rng, drift=drift, bias=b_host, host_bias=b_host, host_drift=drift,
+                       calibration=cal, unit_scale=unit_scale)
     for stage in pipeline:
         stage(work)
     return Realized.from_work(work)
@@ -102,15 +128,19 @@ class Programmed:
 
 
 def needs_stepping(profile: Profile, system: object) -> bool:
-    """Rails and 1/f noise make the dynamics non-linear or non-Markov in x: no exact propagator."""
-    return isinstance(system, SteppingOnlySystem) or profile.range.rail > 0.0 or profile.noise.flicker_corner > 0.0
+    """Rails and 1/f noise make the dynamics non-linear or non-Markov in x, and an unstable drift
+    lives only by its rails: no exact propagator."""
+    return (isinstance(system, (SteppingOnlySystem, UnstableSystem)) or profile.range.rail > 0.0
+            or profile.noise.flicker_corner > 0.0)
 
 
 def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, rng: np.random.Generator,
             flicker: FlickerNoise, kappa: Callable[[], float]) -> Programmed:
     """Realise ``source`` on the chip and build the propagator the profile's integrator asks for.
 
-    ``kappa()`` (the noise strength now) sets the 1/f poles' variance of a stepping program.
+    ``kappa()`` (the noise strength now) sets the 1/f poles' variance of a stepping program. An
+    unstable realised drift (``dynamics.UnstableSystem``) is time-stepped (Heun where the profile
+    asks for exact or auto) with its nodes clipped at ``range_map.saturation_rail``.
     """
     real = realize(profile, pipeline, source.drift, source.bias, rng, source.calibration,
                    unit_scale=source.unit_scale)
@@ -118,6 +148,9 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
     dynamics = profile.device.dynamics
     method = profile.integrator.method
     stepping = needs_stepping(profile, system)
+    unstable = isinstance(system, UnstableSystem)
+    if method == "exact" and unstable:
+        method = "auto"  # a runaway into the rails has no exact propagator: the chip still runs it
     if method == "exact" and stepping:
         why = system.reason if isinstance(system, SteppingOnlySystem) else "rails or 1/f noise"
         raise UnsupportedError(f"exact integration cannot propagate this drift ({why}); "
@@ -127,11 +160,13 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
     n = real.drift.dim
     prop: Propagator
     if method == "exact":
-        prop = ModalPropagator(system) if isinstance(system, ModalSystem) else GeneralPropagator(system)
+        prop = (ModalPropagator(system, closed_form=profile.integrator.window == "closed_form")
+                if isinstance(system, ModalSystem) else GeneralPropagator(system))
     elif dynamics == "overdamped":
         dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method))
+        rail = saturation_rail(profile) if unstable else profile.range.rail
         prop = OverdampedStepper(real.drift, real.bias, dt, method, j_out=real.j_out, cap=real.cap,
-                                 rail=profile.range.rail, flicker=flicker.for_program(kappa(), n))
+                                 rail=rail, flicker=flicker.for_program(kappa(), n))
     else:
         u = profile.underdamped
         dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method, u.inductance))

@@ -27,6 +27,10 @@ class ProgramReport:
     bias_written: np.ndarray | None = None  # bias DAC values written (overdamped only)
     range_scale: float = 1.0  # host units per full-scale unit
     dac_clipped: int = 0  # bias entries beyond the DAC range
+    # smallest real part of the realised drift's eigenvalues (with per-cell C^-1), 1/tau at
+    # nominal temperature; <= 0 means the chip runs away into its rails (``unstable``)
+    stability_margin: float = float("nan")
+    unstable: bool = False
 
 
 @dataclass
@@ -41,11 +45,12 @@ class ProgramWork:
     drift: Drift
     bias: np.ndarray
     host_bias: np.ndarray
+    host_drift: Drift  # the host's drift, as handed over (decides whose error an instability is)
     calibration: Any  # calibration.Calibration or None; only when it applies to this drift
     unit_scale: bool  # calibration probes: scale 1 and nearest rounding (codes known in advance)
     j_out: np.ndarray | None = None  # Factored: the J^T array when mismatch makes it differ from J
     cap: np.ndarray | None = None  # per-cell relative capacitances
-    system: Any = None  # dynamics.ModalSystem | GeneralSystem | SteppingOnlySystem
+    system: Any = None  # dynamics.ModalSystem | GeneralSystem | SteppingOnlySystem | UnstableSystem
     scale: float = 1.0
     report: ProgramReport = field(default_factory=ProgramReport)
 
@@ -70,7 +75,7 @@ class Realized:
     j_out: np.ndarray | None
     bias: np.ndarray
     cap: np.ndarray | None
-    system: Any  # validated: positive-stable
+    system: Any  # validated: positive-stable, or an UnstableSystem from a positive-stable host drift
     scale: float  # host units per full-scale unit
     report: ProgramReport
 

@@ -175,6 +175,10 @@ class RunLoop:
             "temperature_K_end": self.thermostat.temperature_K,
             "dac_clipped": report.dac_clipped,
             "calibrated": report.calibrated,
+            # min Re eig of the realised drift (C^-1 A; the 2N RLC matrix), 1/tau at nominal T
+            "stability_margin": report.stability_margin,
+            # the realised drift is not positive-stable: the cells ran into their rails
+            "unstable": report.unstable,
         }
         now = cur.propagator.counters
         if now is not None and before is not None:

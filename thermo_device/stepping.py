@@ -7,12 +7,14 @@ Overdamped, with h the step and xi ~ N(0, I) per step:
 * ``heun`` (stochastic Heun, additive noise: weak order 2): predictor x~ = x + h f(x) + s xi,
   corrector x <- x + h/2 (f(x) + f(x~)) + s xi. The covariance bias falls to O(h^2).
 
-Underdamped RLC array (z = [v, i], C the capacitance matrix):
+Underdamped RLC array (z = [v, i], C the capacitance matrix, noise sqrt(2 kappa / R) C^-1 dW:
+the resistors' Johnson currents, so that the stationary voltage covariance is kappa C^-1):
 
-* ``euler_maruyama`` on the 2N-dimensional system.
+* ``euler_maruyama`` on the 2N-dimensional system: v += ... + sqrt(2 kappa h / R) C^-1 xi.
 * ``baoab`` (Leimkuhler-Matthews splitting) with momentum p = C v: half kicks
   v -= h/2 C^-1 i, half drifts i += h/2 v / L, and an exact O-step for the friction
-  v <- E v + chol(kappa R (C^-1 - E C^-1 E^T)) xi with E = e^{-h C^-1 / R}.
+  v <- E v + chol(kappa (C^-1 - E C^-1 E^T)) xi with E = e^{-h C^-1 / R} (the exact transition
+  of dv = -C^-1 R^-1 v dt + sqrt(2 kappa / R) C^-1 dW, whose stationary covariance is kappa C^-1).
 
 Drift forms are evaluated without forming A: Dense by a matvec (BLAS above ``BLAS_MIN_DIM``),
 Diagonal elementwise, Factored as b - lambda x - J^T (H (J x)) in O(mN + m^2).
@@ -159,7 +161,8 @@ def _overdamped_steps(x, noise, drift, motion, flicker, readout):
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _underdamped_steps(z, noise, circuit, motion, readout):
     """The RLC array, z = [v, i]. circuit = (C^-1, E, chol, L, R) with E and chol the BAOAB
-    friction step's e^{-h C^-1 / R} and noise factor; motion = (scheme, dt, sig)."""
+    friction step's e^{-h C^-1 / R} and noise factor; motion = (scheme, dt, sig) with
+    sig = sqrt(2 kappa dt / R) the Euler-Maruyama noise scale (before C^-1)."""
     cinv, e_fric, l_fric, inductance, resistance = circuit
     scheme, dt, sig = motion
     k0 = readout[1]
@@ -314,7 +317,8 @@ class UnderdampedStepper:
         hit = self._fric.get(key)
         if hit is None:
             e = scipy.linalg.expm(-step * self.cinv / self.resistance)
-            q = kappa * self.resistance * (self.cinv - e @ self.cinv @ e.T)
+            # fluctuation-dissipation: the O-step's stationary covariance is kappa C^-1 for any R
+            q = kappa * (self.cinv - e @ self.cinv @ e.T)
             w, u = np.linalg.eigh(0.5 * (q + q.T))
             hit = (np.ascontiguousarray(e), np.ascontiguousarray(u * np.sqrt(np.clip(w, 0.0, None))))
             self._fric = {key: hit}
@@ -325,7 +329,7 @@ class UnderdampedStepper:
         sub = _substeps(h * r, self.dt)
         step = h * r / sub
         e_fric, l_fric = self._friction(step, kappa) if self.scheme == SCHEME_BAOAB else (self.cinv, self.cinv)
-        sig = math.sqrt(2.0 * kappa * step)
+        sig = math.sqrt(2.0 * kappa * step / self.resistance)  # Johnson current noise, 2 kappa / R
         circuit = (self.cinv, e_fric, l_fric, self.inductance, self.resistance)
         motion = (self.scheme, step, sig)
 
