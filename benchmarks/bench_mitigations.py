@@ -41,6 +41,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "stochastic-rounding": ("noisy", {"dac.rounding": "stochastic", "coupling.rounding": "stochastic"},
                             {"offset_cancel": True}),
     "no-guard": ("noisy", {}, {"offset_cancel": True, "guard": StabilityGuard(enabled=False)}),
+    # attribution: what is left with exact couplings (no coupling mismatch, no coupling codes)
+    "exact-couplings": ("noisy", {"mismatch.coupling_rel_std": 0.0, "coupling.bits": 0}, {"offset_cancel": True}),
+    "exact-dac": ("noisy", {"dac.bits": 0}, {"offset_cancel": True}),
+    # iterative refinement on the host's exact residual, 1 and 2 passes (on top of "all")
+    "refine-1": ("noisy", {}, {"offset_cancel": True, "refine": 1}),
+    "refine-2": ("noisy", {}, {"offset_cancel": True, "refine": 2}),
+    "exact-adc": ("noisy", {"adc.bits": 0, "adc.read_noise_std": 0.0}, {"offset_cancel": True}),
 }
 
 

@@ -7,6 +7,7 @@ Configurations (``--configs``, comma-separated):
   kappa-auto    the same device, TNGD defaults (analog_time "auto": the noise-aware readout)
   noisy         the noisy profile, TNGD defaults (guard on, analog_time "auto")
   noisy-fixed   the noisy profile, fixed t = 50 tau (guard on)
+  noisy-mitigated the noisy profile, defaults plus offset cancellation and 1 refinement pass
   noisy-noguard the noisy profile, fixed t = 50 tau, guard off (what failed before)
 
     python benchmarks/bench_robust.py [--configs ideal,kappa,kappa-auto] [--seeds 0,1,2] [--steps 300]
@@ -32,6 +33,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "kappa-auto": ("embedded:ideal", {"noise.kappa": 1e-3}, {}),
     "noisy": ("embedded:noisy", None, {}),
     "noisy-fixed": ("embedded:noisy", None, {"analog_time": 50.0}),
+    "noisy-mitigated": ("embedded:noisy", None, {"offset_cancel": True, "refine": 1}),
     "noisy-noguard": ("embedded:noisy", None, {"analog_time": 50.0, "guard": StabilityGuard(enabled=False)}),
 }
 

@@ -31,6 +31,9 @@ PAPER_HPARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+MNIST_CELLS = 4510  # one cell per parameter of host.tasks.small_cnn
+
+
 def run_one(name: str, steps: int, eval_every: int) -> dict[str, Any]:
     """One optimizer on the MNIST task in this process; the summary row for the results file."""
     from host.tasks import TASKS, train
@@ -38,7 +41,10 @@ def run_one(name: str, steps: int, eval_every: int) -> dict[str, Any]:
     full = TASKS["mnist"].steps
     load_before = os.getloadavg()
     t0 = time.perf_counter()
+    # the CNN's 4510 parameters exceed the ideal profile's 4096 cells: the cells are given
+    # explicitly (an embedded device is never enlarged silently; docs/tiling.md for tiles instead)
     rec = train("mnist", name, steps=steps, eval_every=eval_every, progress=False,
+                device_overrides={"device.cells": MNIST_CELLS} if name.startswith("tngd") else None,
                 **PAPER_HPARAMS.get(name, {}))
     total = time.perf_counter() - t0
     s = rec.summary()

@@ -74,6 +74,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args, _overrides(args), _hparams(args))
 
 
+def _analog_time(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tau or 'auto', got {text!r}") from None
+
+
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="digits", help="digits (MLP, quick) or mnist (small CNN, 10k images)")
     p.add_argument("--device", default="embedded:ideal", help="embedded[:profile], tcp://..., ipc://...")
@@ -83,7 +92,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="default: host.tasks.DEFAULTS")
-    p.add_argument("--analog-time", type=float, default=None, help="TNGD: t in tau")
+    p.add_argument("--analog-time", type=_analog_time, default=None,
+                   help="TNGD: t in tau, or 'auto' (the default): 50 tau when the device's declared noise "
+                        "allows, else a readout planned for a 10%% relative error of x_bar")
     p.add_argument("--damping", type=float, default=None, help="lambda")
     p.add_argument("--delay", type=float, default=None, help="TNGD: t_d in tau")
     p.add_argument("--burn-in", type=float, default=None, help="TNGD: readout window start in tau")
@@ -91,6 +102,22 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=None, help="SGD / TNGD momentum")
     p.add_argument("--eval-every", type=int, default=None, help="test-set evaluation interval")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("tiles and device pools (docs/tiling.md)")
+    g.add_argument("--tiles", choices=("layer", "param", "chunk"), default=None,
+                   help="TNGD: split the model into tiles that fit the device (by layer, then chunks)")
+    g.add_argument("--pool-devices", type=int, default=None, metavar="K",
+                   help="devices in the pool (default 1: every tile time-multiplexed on one device)")
+    g.add_argument("--pool-backend", choices=("local", "ray"), default=None,
+                   help="local threads (default) or Ray actors (needs the cluster extra)")
+    g.add_argument("--tile-cells", type=int, default=None, help="tile size limit (default: the device's cells)")
+    g.add_argument("--sweeps", type=int, default=None, help="refinement sweeps toward the full direction")
+    g.add_argument("--sweep-method", choices=("jacobi", "gauss-seidel"), default="gauss-seidel",
+                   help="gauss-seidel (default: always converges) or jacobi (parallel; may diverge "
+                        "beyond two tiles, see --relax)")
+    g.add_argument("--relax", type=float, default=1.0, help="under-relaxation of Jacobi sweeps, in (0, 1]")
+    g.add_argument("--pool-timeout", type=float, default=600.0, help="seconds one pool call may take")
+    g.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
+    g.add_argument("--ray-resources", default=None, help='Ray resources per actor as JSON, e.g. \'{"spu": 1}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol.errors import InvalidInputError
+from protocol.errors import CapacityError, InvalidInputError
 
 from . import checkpoint as checkpoint_io
 from . import datasets
 from .connect import connect
+from .pool import DeviceSpec, PoolConfig, TiledDevice, device_cells, open_pool
+from .tiling import plan_for_model
 from .torch_optimizer import NGDOptimizer, TNGDOptimizer
 
 OPTIMIZERS = ("tngd", "tngd-adam", "ngd", "ngd-cg", "adam", "sgd", "kfac", "shampoo", "soap")
@@ -70,8 +72,10 @@ TASKS: dict[str, Task] = {
 # the previous step (e^{-lambda t} = e^{-0.5}), an extra momentum that made lr 0.3 diverge, so TNGD
 # runs at 0.1 (see docs/results.md). t = 50 tau and lambda = 0.01 are the paper's MNIST values.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "tngd": {"lr": 0.1, "analog_time": 50.0, "damping": 0.01},
-    "tngd-adam": {"lr": 1e-2, "analog_time": 50.0, "damping": 0.01},
+    # "auto": 50 tau when the device's declared noise lets 50 tau meet the 10 % target (the ideal
+    # chip: exactly the fixed readout), a longer, planned readout otherwise (host.readout_plan)
+    "tngd": {"lr": 0.1, "analog_time": "auto", "damping": 0.01},
+    "tngd-adam": {"lr": 1e-2, "analog_time": "auto", "damping": 0.01},
     "ngd": {"lr": 0.3, "damping": 0.01},
     "ngd-cg": {"lr": 0.3, "damping": 0.01, "cg_maxiter": 20},
     "adam": {"lr": 3e-2},
@@ -101,12 +105,16 @@ class Stepper:
 class _Curvature(Stepper):
     def __init__(self, opt: TNGDOptimizer | NGDOptimizer) -> None:
         self.opt = opt
+        self.residuals: list[list[float]] = []
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = float(self.opt.step(model, x, y))
         if isinstance(self.opt, TNGDOptimizer):
             self.emulator_s = self.opt.last.device_wall_s
             self.analog_s = self.opt.last.analog_time_s
+            dev = self.opt.engine.device
+            if isinstance(dev, TiledDevice):  # the refinement's residual after each sweep
+                self.residuals.append(list(dev.last.get("residuals", [])))
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -156,20 +164,20 @@ class _Kfac(Stepper):
 
 
 def make_stepper(name: str, model: nn.Module, *, batch_size: int, device: str = "embedded:ideal",
-                 device_overrides: dict[str, Any] | None = None, seed: int = 0, **hparams: Any) -> Stepper:
-    """An optimizer by name with ``DEFAULTS[name]`` updated by ``hparams``."""
+                 device_overrides: dict[str, Any] | None = None, seed: int = 0, pool: PoolConfig | None = None,
+                 **hparams: Any) -> Stepper:
+    """An optimizer by name with ``DEFAULTS[name]`` updated by ``hparams``.
+
+    A device optimizer runs on one device of ``device``, which must have a cell per parameter
+    (an embedded device keeps its profile's cells: it is never enlarged to fit), or, with
+    ``pool``, on tiles of the model over a pool of such devices (``host.pool``).
+    """
     if name not in OPTIMIZERS:
         raise InvalidInputError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
     hp = {**DEFAULTS[name], **{k: v for k, v in hparams.items() if v is not None}}
     params = model.parameters()
     if name in DEVICE_OPTIMIZERS:
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        overrides = dict(device_overrides or {})
-        if device.startswith("embedded"):
-            overrides.setdefault("device.cells", max(n, 4096))  # one emulated cell per parameter
-            dev = connect(device, seed=seed, overrides=overrides)
-        else:
-            dev = connect(device, seed=seed)
+        dev = _open_device(model, device, device_overrides, seed, pool)
         inner = "adam" if name == "tngd-adam" else "sgd"
         return _Curvature(TNGDOptimizer(params, dev, inner=inner, **hp))
     if name in ("ngd", "ngd-cg"):
@@ -184,6 +192,27 @@ def make_stepper(name: str, model: nn.Module, *, batch_size: int, device: str = 
 
     cls = pytorch_optimizer.Shampoo if name == "shampoo" else pytorch_optimizer.SOAP
     return _Torch(cls(params, **hp))
+
+
+def _open_device(model: nn.Module, device: str, overrides: dict[str, Any] | None, seed: int,
+                 pool: PoolConfig | None) -> Any:
+    """The device (or tiled pool) a device optimizer runs on; refuses a model that does not fit."""
+    embedded = device == "embedded" or device.startswith("embedded:")
+    # profile overrides mean something to an embedded device only (a daemon has its own profile)
+    spec = DeviceSpec(device, dict(overrides) if overrides and embedded else None)
+    if pool is not None:
+        cells = pool.cells if pool.cells is not None else device_cells(spec, seed)
+        return open_pool(plan_for_model(model, cells, pool.tiles), spec, pool, seed)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dev = spec.open(seed)
+    cells = dev.capabilities().cells
+    if n > cells:
+        dev.close()
+        raise CapacityError(f"the model has N = {n} parameters but device {device!r} has {cells} cells: tile it "
+                            "(thermo-host train --tiles layer [--pool-devices K]; train(..., pool=PoolConfig())) "
+                            "or, for an embedded device, give the cells explicitly "
+                            f"(--overrides '{{\"device.cells\": {n}}}')")
+    return dev
 
 
 @dataclass
@@ -207,6 +236,7 @@ class RunRecord:
     train_accuracy: float = float("nan")
     n_params: int = 0
     peak_rss_mb: float = 0.0
+    tiles: dict[str, Any] = field(default_factory=dict)  # a tiled run: plan, pool, residuals per step
 
     def summary(self) -> dict[str, Any]:
         k = max(1, len(self.loss))
@@ -246,7 +276,7 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
           label: str | None = None, eval_every: int | None = None, progress: bool = False,
           checkpoint: str | Path | None = None, data: datasets.Dataset | None = None,
           blas_threads: int | None = 1, torch_threads: int | None = 1, checkpoint_every: int | None = None,
-          resume: str | Path | None = None, **hparams: Any) -> RunRecord:
+          resume: str | Path | None = None, pool: PoolConfig | None = None, **hparams: Any) -> RunRecord:
     """Train ``task``'s model from a seeded initialisation with one optimizer; see the module doc.
 
     ``blas_threads`` caps NumPy's BLAS threads for the run (None: leave them). Why: once torch has
@@ -274,7 +304,7 @@ def train(task: str | Task, optimizer: str, *, steps: int | None = None, batch_s
         return _train(task, optimizer, steps=steps, batch_size=batch_size, seed=seed, device=device,
                       device_overrides=device_overrides, label=label, eval_every=eval_every,
                       progress=progress, checkpoint=checkpoint, data=data,
-                      checkpoint_every=checkpoint_every, resume=resume, **hparams)
+                      checkpoint_every=checkpoint_every, resume=resume, pool=pool, **hparams)
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
@@ -285,7 +315,7 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
            device: str, device_overrides: dict[str, Any] | None, label: str | None, eval_every: int | None,
            progress: bool, checkpoint: str | Path | None, data: datasets.Dataset | None,
            checkpoint_every: int | None = None, resume: str | Path | None = None,
-           **hparams: Any) -> RunRecord:
+           pool: PoolConfig | None = None, **hparams: Any) -> RunRecord:
     t = TASKS[task] if isinstance(task, str) else task
     ds = data if data is not None else datasets.load(t.dataset)
     steps = t.steps if steps is None else steps
@@ -294,13 +324,15 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
     torch.manual_seed(seed)
     model = t.model()
     stepper = make_stepper(optimizer, model, batch_size=bs, device=device, device_overrides=device_overrides,
-                           seed=seed, **hparams)
+                           seed=seed, pool=pool if optimizer in DEVICE_OPTIMIZERS else None, **hparams)
     hp = {**DEFAULTS[optimizer], **{k: v for k, v in hparams.items() if v is not None}}
     rec = RunRecord(t.name, optimizer, label or optimizer, hp,
                     device if optimizer in DEVICE_OPTIMIZERS else None,
                     n_params=sum(p.numel() for p in model.parameters()))
     if device_overrides and optimizer in DEVICE_OPTIMIZERS:
         rec.hparams["device_overrides"] = dict(device_overrides)
+    if pool is not None and optimizer in DEVICE_OPTIMIZERS:
+        rec.hparams["pool"] = pool.to_plain()
     x_tr, y_tr = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     x_te, y_te = torch.from_numpy(ds.x_test), torch.from_numpy(ds.y_test)
     rng = np.random.default_rng(seed)  # the batch order: the same for every optimizer at one seed
@@ -366,7 +398,30 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
     rec.peak_rss_mb = _peak_rss_mb()
     if checkpoint is not None:
         save_checkpoint(steps)
+    tiled = _tiled_device(stepper)
+    if tiled is not None:  # its worker threads or Ray actors end with the run
+        rec.tiles = {"info": tiled.info(), "residuals": list(getattr(stepper, "residuals", []))}
+        tiled.close()
     return rec
+
+
+def _tiled_device(stepper: Stepper) -> TiledDevice | None:
+    dev = getattr(getattr(getattr(stepper, "opt", None), "engine", None), "device", None)
+    return dev if isinstance(dev, TiledDevice) else None
+
+
+def _analog_tau_per_step(rec: RunRecord) -> float:
+    """The analog time a run used per step, in tau: measured (a noise-aware readout varies it) on
+    an embedded device, whose tau its profile gives; else the settings."""
+    fixed = rec.hparams.get("analog_time", 0.0)
+    if rec.analog_s and rec.device and rec.device.startswith("embedded"):
+        dev = connect(rec.device)
+        try:
+            run_tau = float(dev.info()["tau_s"])
+        finally:
+            dev.close()
+        return rec.analog_s[-1] / len(rec.analog_s) / run_tau
+    return (float(fixed) if not isinstance(fixed, str) else 0.0) + float(rec.hparams.get("delay", 0.0))
 
 
 def profile_projected_step_s(rec: RunRecord, batch: int, n_out: int, profile: str = "tngd-paper",
@@ -390,7 +445,7 @@ def profile_projected_step_s(rec: RunRecord, batch: int, n_out: int, profile: st
     dac, cpl, adc = (int(caps[k]) or 64 for k in ("dac_bits", "coupling_bits", "adc_bits"))
     transfer = (n * dac + m * (m + 2 * n) * cpl + n * adc) / bps
     tau = float(caps["tau_s"])
-    analog = (rec.hparams.get("analog_time", 0.0) + rec.hparams.get("delay", 0.0)) * tau
+    analog = _analog_tau_per_step(rec) * tau
     host = rec.summary()["host_ms_per_step"] / 1e3
     return {"profile": profile, "tau_s": tau, "host_s": host, "analog_s": analog, "transfer_s": transfer,
             "total_s": host + analog + transfer}

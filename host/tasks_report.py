@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .pool import PoolConfig
 from .tasks import (
     DEVICE_OPTIMIZERS,
     OPTIMIZERS,
@@ -52,9 +53,24 @@ def _run_specs(names: list[str], device: str, overrides: dict | None, noisy_kapp
     return specs
 
 
+def pool_config(args: argparse.Namespace) -> PoolConfig | None:
+    """The tile pool the command line asks for (``--tiles`` and the ``--pool-*`` options), or None."""
+    pool_flags = (args.pool_devices, args.pool_backend, args.sweeps, args.tile_cells)
+    if args.tiles is None:
+        if any(v is not None for v in pool_flags):
+            raise SystemExit("thermo-host: --pool-devices, --pool-backend, --sweeps and --tile-cells need --tiles "
+                             "(e.g. --tiles layer)")
+        return None
+    resources = json.loads(args.ray_resources) if args.ray_resources else None
+    return PoolConfig(tiles=args.tiles, devices=args.pool_devices or 1, backend=args.pool_backend or "local",
+                      cells=args.tile_cells, sweeps=args.sweeps or 0, method=args.sweep_method,
+                      relax=args.relax, timeout=args.pool_timeout, resources=resources,
+                      ray_address=args.ray_address)
+
+
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-            "eval_every": args.eval_every, "progress": not args.no_progress}
+            "eval_every": args.eval_every, "progress": not args.no_progress, "pool": pool_config(args)}
 
 
 def _hp_for(optimizer: str, hparams: dict) -> dict:

@@ -135,7 +135,8 @@ class TNGDState:
         x_norm: |x_bar| of the last solve (the noise-aware readout's scale), 0 before any.
         kappa: the noise strength in host units the device last reported, None before any.
         start: the analog state the last solve ended in (host units): where a retried solve starts.
-        neg_start: with offset cancellation, where the -g run of the last solve ended.
+        part_starts: with offset cancellation or DAC splitting, where each extra bias part's run
+            of the last solve ended (its warm start).
     """
 
     steps: int = 0
@@ -148,7 +149,7 @@ class TNGDState:
     x_norm: float = 0.0
     kappa: float | None = None
     start: np.ndarray | None = None
-    neg_start: np.ndarray | None = None
+    part_starts: tuple[np.ndarray | None, ...] = ()
 
 
 def take_snapshot(device: Device) -> DeviceSnapshot | None:
@@ -180,13 +181,19 @@ class TNGDCore:
         offset_cancel: solve with g and with -g (the same drift, each run warm-starting from its
             own last state) and take the half difference: op-amp offsets and other errors that do
             not change sign with b cancel, at twice the analog time.
+        refine: passes of iterative refinement: the host computes the residual r = g - A x_bar
+            exactly (one product with J, H), the device solves A d = r (ranged on its own, so
+            converter, mismatch and offset errors shrink with |r|), and x_bar += d. Each pass
+            multiplies the relative error by about the chip's error of one solve; it aims x_bar
+            at (G + lambda I)^-1 g, so it belongs with converged readouts (``analog_time="auto"``
+            or a long burn-in), not with the warm-started momentum regime. One run per pass.
     """
 
     def __init__(self, device: Device, analog_time: float | str, delay: float = 0.0, burn_in: float = 0.0, *,
                  init: str = "warm", lm: LevenbergMarquardt | None = None,
                  guard: StabilityGuard | None = None, target_rel_error: float = 0.1,
                  min_analog_time: float = 50.0, max_analog_time: float = 1e4,
-                 offset_cancel: bool = False) -> None:
+                 offset_cancel: bool = False, refine: int = 0) -> None:
         if init not in INITS:
             raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
         self.auto = analog_time == "auto"
@@ -205,6 +212,9 @@ class TNGDCore:
         self.target_rel_error = float(target_rel_error)
         self.max_analog_time = float(max_analog_time)
         self.offset_cancel = bool(offset_cancel)
+        if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= 16:
+            raise InvalidInputError(f"refine must be an integer in [0, 16], got {refine!r}")
+        self.refine = refine
         if delay < 0.0:
             raise InvalidInputError(f"delay must be >= 0, got {delay}")
         self.device = device
@@ -247,6 +257,8 @@ class TNGDCore:
                     analog_time, burn_in = self.analog_time, min(burn_in, self.analog_time)
         events = list(state.guard_events)
         first = self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0)
+        parts = bias_parts(g, self.offset_cancel)
+        main = parts[0][0]
         t0 = time.perf_counter()
         analog_s = 0.0
         for attempt in range(guard.max_retries + 1):
@@ -254,11 +266,11 @@ class TNGDCore:
             # arrays (drift.damped): the curvature is not scanned for NaN a second time
             drift = self.adapt(damped(curvature, damping))
             if first:
-                self.device.state = g
+                self.device.state = main
             elif attempt and state.start is not None:
                 self.device.state = state.start  # a retry starts where the failed attempt did
             try:
-                res = self.device.step(drift, g, analog_time, burn_in=burn_in,
+                res = self.device.step(drift, main, analog_time, burn_in=burn_in,
                                        delay=self.delay if state.steps else 0.0, reset=self.init_mode == "reset")
             except NotStableError:
                 if not guard.enabled or attempt == guard.max_retries:
@@ -278,17 +290,32 @@ class TNGDCore:
         if new_floor > floor:
             events.append(GuardEvent(state.steps, "margin", damping, new_floor, margin))
         x_bar = np.asarray(res.mean, dtype=np.float64)
-        neg_start = state.neg_start
-        if self.offset_cancel:
-            # the same drift with -g, from the -g run's own warm start: x_bar(g) - x_bar(-g) is
-            # 2 A^-1 g with the cells' offsets (and every other bias-independent error) cancelled
-            pos_end = res.state
-            self.device.state = -g if first or neg_start is None else neg_start
-            neg = self.device.step(drift, -g, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
-            analog_s += neg.analog_time_s
-            x_bar = 0.5 * (x_bar - np.asarray(neg.mean, dtype=np.float64))
-            neg_start = neg.state
-            self.device.state = pos_end  # the next step continues the +g run's warm start
+        part_starts = state.part_starts
+        if len(parts) > 1:
+            # The solve is linear in the bias: -g (offset cancellation) runs on the same drift from
+            # its own warm start, and the readouts combine (``bias_parts``).
+            main_end = res.state
+            starts = list(part_starts) + [None] * (len(parts) - 1 - len(part_starts))
+            x_bar = parts[0][1] * x_bar
+            for i, (bias, sign) in enumerate(parts[1:]):
+                self.device.state = bias if first or starts[i] is None else starts[i]
+                out = self.device.step(drift, bias, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
+                analog_s += out.analog_time_s
+                x_bar = x_bar + sign * np.asarray(out.mean, dtype=np.float64)
+                starts[i] = out.state
+            x_bar = x_bar / (2.0 if self.offset_cancel else 1.0)
+            part_starts = tuple(starts[:len(parts) - 1])
+            self.device.state = main_end  # the next step continues the main part's warm start
+        if self.refine:
+            main_end = self.device.state
+            intended = damped(curvature, damping)  # the host's own A: exact products
+            for _ in range(self.refine):
+                r = g - intended.matvec(x_bar)
+                self.device.state = r
+                fix = self.device.step(drift, r, analog_time, burn_in=burn_in)
+                analog_s += fix.analog_time_s
+                x_bar = x_bar + np.asarray(fix.mean, dtype=np.float64)
+            self.device.state = main_end
         kappa_now = res.diagnostics.get("kappa", kappa)
         scale = float(res.diagnostics.get("range_scale", 1.0))
         est = None if kappa_now is None else estimated_rel_error(
@@ -298,7 +325,7 @@ class TNGDCore:
         return x_bar, replace(state, steps=state.steps + 1, pending=None, stats=stats, floor=new_floor,
                               guard_events=tuple(events), x_norm=float(np.linalg.norm(x_bar)),
                               kappa=None if kappa_now is None else float(kappa_now), start=res.state,
-                              neg_start=neg_start)
+                              part_starts=part_starts)
 
     def _restore(self, pending: DeviceCheckpoint | None) -> None:
         if pending is None:
@@ -367,3 +394,9 @@ def _declared_noise(device: Device) -> _DeclaredNoise:
     kappa = info.get("kappa")
     return _DeclaredNoise(float(kappa) if isinstance(kappa, (int, float)) else None, var,
                           float(adc.get("sample_interval", 0.1) or 0.1))
+
+
+def bias_parts(g: np.ndarray, offset_cancel: bool) -> list[tuple[np.ndarray, float]]:
+    """The biases one solve runs and the sign each readout is added with: g alone, or with offset
+    cancellation g and -g (the caller halves the sum)."""
+    return [(g, 1.0), (-g, -1.0)] if offset_cancel else [(g, 1.0)]

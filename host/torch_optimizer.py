@@ -170,12 +170,14 @@ class TNGDOptimizer(CurvatureOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, loss: str = "cross_entropy", kind: str = "ggn",
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
                  target_rel_error: float = 0.1, min_analog_time: float = 50.0,
-                 max_analog_time: float = 1e4, offset_cancel: bool = False) -> None:
+                 max_analog_time: float = 1e4, offset_cancel: bool = False,
+                 refine: int = 0) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
                                target_rel_error=target_rel_error, min_analog_time=min_analog_time,
-                               max_analog_time=max_analog_time, offset_cancel=offset_cancel)
+                               max_analog_time=max_analog_time, offset_cancel=offset_cancel,
+                               refine=refine)
         if lr <= 0.0:
             raise InvalidInputError(f"lr must be > 0, got {lr}")
         self.tngd_state: TNGDState = self.engine.init(damping)

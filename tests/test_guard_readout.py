@@ -183,3 +183,23 @@ def test_offset_cancellation_removes_the_cells_offsets() -> None:
     # without: the offsets' solution, |A^-1 o| / |A^-1 g| ~ 0.05 / 0.3; with: the 40-tau transient
     # e^{-0.5 * 40} and kT/C noise only
     assert errs[False] > 0.02 and errs[True] < 1e-6, errs
+
+
+def test_refinement_removes_the_converter_error() -> None:
+    """A 6-bit bias DAC leaves a few % of error in x_bar; passes of iterative refinement on the
+    host's exact residual shrink it by about that factor each (until the noise floor)."""
+    rng = np.random.default_rng(9)
+    n, m, damping = 40, 5, 0.5
+    j = rng.standard_normal((m, n)) / math.sqrt(n)
+    g = rng.standard_normal(n) * np.logspace(0, -3, n)
+    curv = Factored(j, np.eye(m))
+    exact = np.linalg.solve(curv.dense() + damping * np.eye(n), g)
+    errs = {}
+    for passes in (0, 1, 2):
+        dev = host.connect("embedded:ideal", seed=4, overrides={"dac.bits": 6, "range.auto": True})
+        opt = host.TNGD(dev, lr=1.0, analog_time=60.0, burn_in=40.0, damping=damping, refine=passes)
+        x, opt.state = opt.engine.solve(opt.state, g, curv)
+        errs[passes] = np.linalg.norm(x - exact) / np.linalg.norm(exact)
+    assert errs[0] > 0.05 and errs[1] < errs[0] / 3 and errs[2] < errs[1] / 3, errs
+    with pytest.raises(InvalidInputError):
+        host.TNGD(host.connect("embedded:ideal"), lr=0.1, analog_time=5.0, damping=0.1, refine=-1)
