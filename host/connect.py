@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from protocol.device import Device
@@ -30,6 +31,9 @@ def connect(address: str = "embedded", seed: int | None = None, *,
         from .embedded import embedded_device
 
         return embedded_device(profile, seed, overrides)
+    if address.startswith("tcp://") and not re.fullmatch(r"tcp://[^:/\s]+:\d{1,5}", address) \
+            and not re.fullmatch(r"tcp://\[[0-9a-fA-F:.]+\]:\d{1,5}", address):
+        raise InvalidInputError(f"device address {address!r} needs a host and a port, e.g. tcp://127.0.0.1:5555")
     if address.startswith(("tcp://", "ipc://")):
         try:
             from .client import DeviceClient

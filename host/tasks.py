@@ -316,7 +316,7 @@ def _train(task: str | Task, optimizer: str, *, steps: int | None, batch_size: i
            progress: bool, checkpoint: str | Path | None, data: datasets.Dataset | None,
            checkpoint_every: int | None = None, resume: str | Path | None = None,
            pool: PoolConfig | None = None, **hparams: Any) -> RunRecord:
-    t = TASKS[task] if isinstance(task, str) else task
+    t = task_named(task) if isinstance(task, str) else task
     ds = data if data is not None else datasets.load(t.dataset)
     steps = t.steps if steps is None else steps
     bs = t.batch_size if batch_size is None else batch_size
@@ -422,6 +422,13 @@ def _analog_tau_per_step(rec: RunRecord) -> float:
             dev.close()
         return rec.analog_s[-1] / len(rec.analog_s) / run_tau
     return (float(fixed) if not isinstance(fixed, str) else 0.0) + float(rec.hparams.get("delay", 0.0))
+
+
+def task_named(name: str) -> Task:
+    """The built-in task ``name``, or an InvalidInputError that lists the known ones."""
+    if name not in TASKS:
+        raise InvalidInputError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name]
 
 
 def profile_projected_step_s(rec: RunRecord, batch: int, n_out: int, profile: str = "tngd-paper",

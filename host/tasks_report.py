@@ -24,9 +24,9 @@ from .pool import PoolConfig
 from .tasks import (
     DEVICE_OPTIMIZERS,
     OPTIMIZERS,
-    TASKS,
     RunRecord,
     profile_projected_step_s,
+    task_named,
     train,
     write_json,
 )
@@ -88,7 +88,7 @@ def _hp_for(optimizer: str, hparams: dict) -> dict:
 
 
 def run_train(args: argparse.Namespace, overrides: dict | None, hparams: dict) -> int:
-    task = TASKS[args.task]
+    task = task_named(args.task)
     out = Path(args.out or f"{args.task}-{args.optimizer}.json")
     ckpt = None if (args.checkpoint or "").lower() == "none" else Path(args.checkpoint or out.with_suffix(".pt"))
     rec = train(task, args.optimizer, device=args.device, device_overrides=overrides, checkpoint=ckpt,
@@ -176,7 +176,7 @@ def plot(records: list[RunRecord], path: Path, title: str) -> bool:
 
 
 def run_compare(args: argparse.Namespace, overrides: dict | None, hparams: dict) -> int:
-    task = TASKS[args.task]
+    task = task_named(args.task)
     out_dir = Path(args.out_dir or f"results/compare-{args.task}")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
