@@ -8,8 +8,8 @@ that tree's ``benchmarks/bench_tngd_timing.py`` (median per-step wall time after
 counts calls of ``protocol.drift.all_finite`` (every NaN/Inf scan of an array) over 3 embedded
 TNGD steps, with their array sizes.
 
-    git worktree add /tmp/before <commit>
-    python benchmarks/bench_before_after.py --before /tmp/before [--rounds 3] [--cpus 0]
+    git worktree add ../before <commit>
+    python benchmarks/bench_before_after.py --before ../before [--rounds 3] [--cpus 0]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ scans = {"per_step": len(calls) / 3, "sizes": sorted(collections.Counter(calls).
 pd.all_finite = _orig
 timing = runpy.run_path(os.path.join(tree, "benchmarks", "bench_tngd_timing.py"))
 rows = [timing["measure"](task, r, steps, skip, {}) for r in runs]
-print("RESULT " + json.dumps({"tree": tree, "scans": scans, "rows": rows}))
+print("RESULT " + json.dumps({"scans": scans, "rows": rows}))  # no machine paths in the JSON
 """
 
 
