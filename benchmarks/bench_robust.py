@@ -5,6 +5,7 @@ Configurations (``--configs``, comma-separated):
   ideal         the ideal profile, TNGD defaults (lambda = 0.01; analog_time "auto" = 50 tau there)
   kappa         noise.kappa = 1e-3 on the ideal profile, the fixed t = 50 tau (the earlier default)
   kappa-auto    the same device, TNGD defaults (analog_time "auto": the noise-aware readout)
+  kappa-auto-1e5  the same with the readout's cap raised from 1e4 to 1e5 tau
   noisy         the noisy profile, TNGD defaults (guard on, analog_time "auto")
   noisy-fixed   the noisy profile, fixed t = 50 tau (guard on)
   noisy-mitigated the noisy profile, defaults plus offset cancellation and 1 refinement pass
@@ -31,6 +32,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "ideal": ("embedded:ideal", None, {}),
     "kappa": ("embedded:ideal", {"noise.kappa": 1e-3}, {"analog_time": 50.0}),
     "kappa-auto": ("embedded:ideal", {"noise.kappa": 1e-3}, {}),
+    "kappa-auto-1e5": ("embedded:ideal", {"noise.kappa": 1e-3}, {"max_analog_time": 1e5}),
     "noisy": ("embedded:noisy", None, {}),
     "noisy-fixed": ("embedded:noisy", None, {"analog_time": 50.0}),
     "noisy-mitigated": ("embedded:noisy", None, {"offset_cancel": True, "refine": 1}),

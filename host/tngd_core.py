@@ -27,7 +27,7 @@ import numpy as np
 
 from protocol.device import Device, DeviceSnapshot
 from protocol.drift import Drift
-from protocol.errors import InvalidInputError, NotStableError, UnsupportedError
+from protocol.errors import DeviceError, InvalidInputError, NotStableError, UnsupportedError
 
 from .adapt import DriftAdapter, device_capabilities
 from .baselines import damped
@@ -135,8 +135,7 @@ class TNGDState:
         x_norm: |x_bar| of the last solve (the noise-aware readout's scale), 0 before any.
         kappa: the noise strength in host units the device last reported, None before any.
         start: the analog state the last solve ended in (host units): where a retried solve starts.
-        part_starts: with offset cancellation or DAC splitting, where each extra bias part's run
-            of the last solve ended (its warm start).
+        neg_start: with offset cancellation, where the -g run of the last solve ended (its warm start).
     """
 
     steps: int = 0
@@ -149,7 +148,7 @@ class TNGDState:
     x_norm: float = 0.0
     kappa: float | None = None
     start: np.ndarray | None = None
-    part_starts: tuple[np.ndarray | None, ...] = ()
+    neg_start: np.ndarray | None = None
 
 
 def take_snapshot(device: Device) -> DeviceSnapshot | None:
@@ -257,8 +256,6 @@ class TNGDCore:
                     analog_time, burn_in = self.analog_time, min(burn_in, self.analog_time)
         events = list(state.guard_events)
         first = self.init_mode == "grad" or (self.init_mode == "warm" and state.steps == 0)
-        parts = bias_parts(g, self.offset_cancel)
-        main = parts[0][0]
         t0 = time.perf_counter()
         analog_s = 0.0
         for attempt in range(guard.max_retries + 1):
@@ -266,11 +263,11 @@ class TNGDCore:
             # arrays (drift.damped): the curvature is not scanned for NaN a second time
             drift = self.adapt(damped(curvature, damping))
             if first:
-                self.device.state = main
+                self.device.state = g
             elif attempt and state.start is not None:
                 self.device.state = state.start  # a retry starts where the failed attempt did
             try:
-                res = self.device.step(drift, main, analog_time, burn_in=burn_in,
+                res = self.device.step(drift, g, analog_time, burn_in=burn_in,
                                        delay=self.delay if state.steps else 0.0, reset=self.init_mode == "reset")
             except NotStableError:
                 if not guard.enabled or attempt == guard.max_retries:
@@ -285,29 +282,22 @@ class TNGDCore:
             raised = guard.retry_damping(damping)
             events.append(GuardEvent(state.steps, "unstable", damping, raised, margin))
             damping = raised
-        floor = max(state.floor, damping) if damping > max(state.damping, state.floor) else state.floor
+        floor = damping if attempt else state.floor  # retries only raise it: the raised value is the floor
         new_floor = guard.floor_after(floor, damping, margin)
         if new_floor > floor:
             events.append(GuardEvent(state.steps, "margin", damping, new_floor, margin))
         x_bar = np.asarray(res.mean, dtype=np.float64)
-        part_starts = state.part_starts
-        if len(parts) > 1:
-            # The solve is linear in the bias: -g (offset cancellation) runs on the same drift from
-            # its own warm start, and the readouts combine (``bias_parts``).
-            main_end = res.state
-            starts = list(part_starts) + [None] * (len(parts) - 1 - len(part_starts))
-            x_bar = parts[0][1] * x_bar
-            for i, (bias, sign) in enumerate(parts[1:]):
-                self.device.state = bias if first or starts[i] is None else starts[i]
-                out = self.device.step(drift, bias, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
-                analog_s += out.analog_time_s
-                x_bar = x_bar + sign * np.asarray(out.mean, dtype=np.float64)
-                starts[i] = out.state
-            x_bar = x_bar / (2.0 if self.offset_cancel else 1.0)
-            part_starts = tuple(starts[:len(parts) - 1])
-            self.device.state = main_end  # the next step continues the main part's warm start
+        neg_start = state.neg_start
+        extra = self.offset_cancel or self.refine
+        if self.offset_cancel:
+            # the same drift with -g, from the -g run's own warm start: x_bar(g) - x_bar(-g) is
+            # 2 A^-1 g with the cells' offsets (and every other bias-independent error) cancelled
+            self.device.state = -g if first or neg_start is None else neg_start
+            neg = self.device.step(drift, -g, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
+            analog_s += neg.analog_time_s
+            x_bar = 0.5 * (x_bar - np.asarray(neg.mean, dtype=np.float64))
+            neg_start = neg.state
         if self.refine:
-            main_end = self.device.state
             intended = damped(curvature, damping)  # the host's own A: exact products
             for _ in range(self.refine):
                 r = g - intended.matvec(x_bar)
@@ -315,7 +305,8 @@ class TNGDCore:
                 fix = self.device.step(drift, r, analog_time, burn_in=burn_in)
                 analog_s += fix.analog_time_s
                 x_bar = x_bar + np.asarray(fix.mean, dtype=np.float64)
-            self.device.state = main_end
+        if extra:
+            self.device.state = res.state  # the next step continues the +g run's warm start
         kappa_now = res.diagnostics.get("kappa", kappa)
         scale = float(res.diagnostics.get("range_scale", 1.0))
         est = None if kappa_now is None else estimated_rel_error(
@@ -325,7 +316,7 @@ class TNGDCore:
         return x_bar, replace(state, steps=state.steps + 1, pending=None, stats=stats, floor=new_floor,
                               guard_events=tuple(events), x_norm=float(np.linalg.norm(x_bar)),
                               kappa=None if kappa_now is None else float(kappa_now), start=res.state,
-                              part_starts=part_starts)
+                              neg_start=neg_start)
 
     def _restore(self, pending: DeviceCheckpoint | None) -> None:
         if pending is None:
@@ -385,7 +376,7 @@ class _DeclaredNoise:
 def _declared_noise(device: Device) -> _DeclaredNoise:
     try:
         info = device.info()
-    except Exception:  # noqa: BLE001 - a test double or a board with a terse info(): plan without it
+    except DeviceError:  # a board that cannot say: plan without its noise
         return _DeclaredNoise(None, 0.0, 0.1)
     adc = info.get("adc") if isinstance(info.get("adc"), dict) else {}
     bits, fs = int(adc.get("bits", 0) or 0), float(adc.get("full_scale", 1.0) or 1.0)
@@ -394,9 +385,3 @@ def _declared_noise(device: Device) -> _DeclaredNoise:
     kappa = info.get("kappa")
     return _DeclaredNoise(float(kappa) if isinstance(kappa, (int, float)) else None, var,
                           float(adc.get("sample_interval", 0.1) or 0.1))
-
-
-def bias_parts(g: np.ndarray, offset_cancel: bool) -> list[tuple[np.ndarray, float]]:
-    """The biases one solve runs and the sign each readout is added with: g alone, or with offset
-    cancellation g and -g (the caller halves the sum)."""
-    return [(g, 1.0), (-g, -1.0)] if offset_cancel else [(g, 1.0)]

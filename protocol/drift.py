@@ -159,6 +159,10 @@ class Dense:
         a[np.diag_indices_from(a)] += damping
         return Dense.trusted(a)
 
+    def block(self, s: slice) -> Dense:
+        """The diagonal block A[s, s] (a tile), built trusted from this validated drift."""
+        return Dense.trusted(np.ascontiguousarray(self.matrix[s, s]))
+
     def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
         return _symmetric(np.asarray(self.matrix), rtol)
 
@@ -220,6 +224,10 @@ class Factored:
     def damped(self, damping: float) -> Factored:
         return Factored.trusted(self.J, self.H, self.damping + damping)
 
+    def block(self, s: slice) -> Factored:
+        """The diagonal block A[s, s] = J[:, s]^T H J[:, s] + damping I: no N x N matrix."""
+        return Factored.trusted(np.ascontiguousarray(self.J[:, s]), self.H, self.damping)
+
     def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
         return _symmetric(np.asarray(self.H), rtol)
 
@@ -260,6 +268,9 @@ class Diagonal:
 
     def damped(self, damping: float) -> Diagonal:
         return Diagonal.trusted(self.diag + damping)
+
+    def block(self, s: slice) -> Diagonal:
+        return Diagonal.trusted(np.ascontiguousarray(self.diag[s]))
 
     def is_symmetric(self, rtol: float = SYMMETRY_RTOL) -> bool:
         return True

@@ -17,9 +17,9 @@ from protocol.errors import InvalidInputError
     (["train", "--device", "tcp://127.0.0.1", "--steps", "1"], "needs a host and a port"),
 ])
 def test_cli_mistakes_are_one_line(argv: list[str], needle: str, tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "host.cli", *argv, "--out-dir", str(tmp_path)]
-                          if argv[0] == "compare" else [sys.executable, "-m", "host.cli", *argv],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # run in tmp_path: whatever a command writes by default lands there
+    proc = subprocess.run([sys.executable, "-m", "host.cli", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and needle in lines[0], proc.stderr

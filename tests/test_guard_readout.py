@@ -146,10 +146,14 @@ def test_auto_readout_reaches_the_target_on_a_noisy_device() -> None:
     exact = np.linalg.solve(curv.dense() + damping * np.eye(n), g)
     errs = []
     for _ in range(4):
+        planned_norm = opt.state.x_norm  # the plan sizes the window for the previous |x_bar|
         x, opt.state = opt.engine.solve(opt.state, g, curv)
         errs.append(np.linalg.norm(x - exact) / np.linalg.norm(exact))
     assert max(errs) < 0.004, errs
-    assert opt.last.est_rel_error is not None and opt.last.est_rel_error <= 0.002 * 1.2
+    # the plan meets half the target for |x_bar| = planned_norm; the report divides the same noise
+    # by this step's |x_bar| (same kappa: the temperature does not drift on the ideal profile)
+    assert opt.last.est_rel_error is not None
+    assert opt.last.est_rel_error <= 0.002 * planned_norm / opt.state.x_norm * (1 + 1e-9)
     assert opt.last.burn_in > 0 and opt.last.analog_time > opt.last.burn_in
 
 

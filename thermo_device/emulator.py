@@ -45,13 +45,12 @@ from .temperature import Conditions, Thermostat
 
 @dataclass(frozen=True, eq=False)
 class _Live:
-    """What ``program`` and ``run`` change: the current and previous programs, the analog state
-    (physical units) and the 1/f filter state. Calibration probes run on it and put it back."""
+    """What ``program`` and ``run`` change: the current and previous programs and the analog
+    state (physical units). Calibration probes run on it and put it back, with the 1/f state."""
 
     current: Programmed | None = None
     previous: Programmed | None = None
     state: np.ndarray | None = None
-    flicker: np.ndarray | None = None
 
 
 class Emulator(Backend):
@@ -250,12 +249,12 @@ class Emulator(Backend):
         cur = self._live.current
         return cur.realized.scale if cur is not None else 1.0
 
-    def _saved_live(self) -> _Live:
-        return replace(self._live, flicker=self._flicker.array)
+    def _saved_live(self) -> tuple[_Live, np.ndarray]:
+        # the 1/f array itself, not a copy: the saved programs' steppers hold it
+        return self._live, self._flicker.array
 
-    def _put_back(self, saved: _Live) -> None:
-        self._live = replace(saved, flicker=None)
-        self._flicker.array = saved.flicker
+    def _put_back(self, saved: tuple[_Live, np.ndarray]) -> None:
+        self._live, self._flicker.array = saved
 
     def _install(self, prog: Programmed) -> None:
         live = self._live

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.errors import InvalidInputError
-from protocol.run_args import MAX_RETURNED_SAMPLES  # noqa: F401 - re-exported: the cap is the protocol's
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,6 @@ class OverdampedStepper:
             j_o = j_in if j_out is None else np.ascontiguousarray(j_out, dtype=np.float64)
             hm = np.ascontiguousarray(drift.H, dtype=np.float64)
             lam = float(drift.damping)
-        self.form = form
         # the kernels' drift record (see ``_drift``)
         self.drift_record = (form, a, d, j_in, j_o, hm, lam, self.b)
         self.inv_cap = np.ones(n) if cap is None else 1.0 / np.asarray(cap, dtype=np.float64)
