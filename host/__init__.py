@@ -7,6 +7,7 @@ over a pool of devices (``open_pool``, ``host.tiling``; docs/tiling.md). The PyT
 ``host.torch_optimizer.TNGDOptimizer`` (needs the ``torch`` extra, so it is not imported here).
 """
 
+from . import blas  # noqa: F401, I001 - first: cap the BLAS pools (host/blas.py)
 from protocol.drift import Dense, Diagonal, Factored
 
 from .baselines import NGDCG, SGD, Adam, ExactNGD

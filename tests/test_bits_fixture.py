@@ -31,7 +31,16 @@ def _flatten(d, prefix=""):
 # * spu-8cell*: issue 13's fluctuation-dissipation fix. The RLC board's thermal noise is now
 #   sqrt(2 kappa / R) C^-1 dW (it was sqrt(2 kappa) C^-1 dW, R times too much variance), which
 #   changes every underdamped transition covariance and hence every number of these cases.
-CHANGED_ON_PURPOSE = ("spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/")
+# * */factored/ on the exact path and the TNGD steps on exact profiles: issue 15's cheaper
+#   Factored set-up. The Gram path's eigenbasis now comes from a Cholesky of J J^T and one eigh
+#   (it was two eighs), so the basis differs at round-off and in the sign of each eigenvector:
+#   the same normals map to other, equally distributed numbers, and noiseless results move at
+#   round-off (tests/test_factored_setup.py checks the basis against a dense reference to 1e-12).
+# * noisy/diagonal/: issue 15's rails by detection. A symmetric drift on a profile with rails
+#   now runs exact while the rails are out of reach (thermo_device/rails.py); it was Heun.
+CHANGED_ON_PURPOSE = ("noisy/diagonal/", "spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/", "ideal/factored/",
+                      "ideal-stochastic/factored/", "tngd-paper/factored/", "tngd/embedded:ideal",
+                      "tngd/embedded:tngd-paper")
 # Diagnostics keys added after the recording are allowed (a run may report more than it did);
 # every key the recording has must still be there with its value. Added so far: issue 13's
 # "stability_margin" and "unstable".

@@ -6,6 +6,8 @@ implementation (the emulator, board drivers, plugins) satisfies; ``Capabilities`
 Thermodynamic linear algebra on top of any device (``solve``, ``inverse``) lives in ``host.linalg``.
 """
 
+# First: cap the BLAS pools before any emulator code runs (blas.py says why; THERMO_NGD_BLAS_THREADS).
+from . import blas  # noqa: F401, I001
 from protocol.capabilities import Capabilities
 from protocol.drift import Dense, Diagonal, Factored
 

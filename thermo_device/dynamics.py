@@ -55,7 +55,7 @@ import numpy as np
 from protocol.drift import SYMMETRY_RTOL, Drift, as_float_array, drift_form
 from protocol.errors import CapacityError, InvalidInputError, NotStableError, ShapeError, UnsupportedError
 
-from .factored import factored_eigenbasis
+from .factored import Basis, MatrixBasis, check_h, factored_eigenbasis
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +66,7 @@ class ModalSystem:
     present only when ``complement_rate`` is not None.
     """
 
-    basis: np.ndarray | None  # (N, r) orthonormal columns; None means the identity (Diagonal)
+    basis: Basis | None  # orthonormal N x r (factored.MatrixBasis / FactorBasis); None: identity
     rates: np.ndarray  # (r,) eigenvalues of A on the basis, all > 0
     complement_rate: float | None  # rate of the complement (damping of Factored), > 0
     target: np.ndarray  # stationary mean of w, shape (R,)
@@ -90,14 +90,16 @@ class ModalSystem:
         return np.concatenate([self.rates, np.full(self.n, self.complement_rate)])
 
     def to_modes(self, x: np.ndarray) -> np.ndarray:
+        if self.basis is not None and not x.any():
+            return np.zeros(self.n_modes)  # a reset state: no pass over the basis
         if self.cell_scale is not None:
             x = x / self.cell_scale
         if self.basis is None:
             return x.copy()
-        y = self.basis.T @ x
+        y = self.basis.project(x)
         if self.complement_rate is None:
             return y
-        return np.concatenate([y, x - self.basis @ y])
+        return np.concatenate([y, x - self.basis.expand(y)])
 
     def from_modes(self, w: np.ndarray) -> np.ndarray:
         """Map mode vectors back to node voltages; ``w`` is (R,) or (K, R)."""
@@ -105,12 +107,12 @@ class ModalSystem:
             x = w.copy()
         else:
             r = self.rates.shape[0]
-            x = w[..., :r] @ self.basis.T
+            x = self.basis.expand_rows(w[..., :r])
             if self.complement_rate is not None:
                 z = w[..., r:]
                 # Only the complement part of z is physical: the rest is independent noise that the
                 # isotropic complement dynamics let us carry along and discard here.
-                x = x + z - (z @ self.basis) @ self.basis.T
+                x = x + z - self.basis.expand_rows(self.basis.project_rows(z))
         return x if self.cell_scale is None else x * self.cell_scale
 
     def second_moment_from_modes(self, s: np.ndarray) -> np.ndarray:
@@ -118,9 +120,10 @@ class ModalSystem:
         if self.basis is None:
             out = s.copy()
         elif self.complement_rate is None:
-            out = self.basis @ s @ self.basis.T
+            u = self.basis.dense()
+            out = u @ s @ u.T
         else:
-            n, r, u = self.n, self.rates.shape[0], self.basis
+            n, r, u = self.n, self.rates.shape[0], self.basis.dense()
             b = np.empty((n, r + n))
             b[:, :r] = u
             b[:, r:] = np.eye(n) - u @ u.T
@@ -136,11 +139,12 @@ class ModalSystem:
         if self.basis is None:
             target = b / self.rates
         else:
-            y = (self.basis.T @ b) / self.rates
+            pb = self.basis.project(b)
+            y = pb / self.rates
             if self.complement_rate is None:
                 target = y
             else:
-                target = np.concatenate([y, (b - self.basis @ (self.basis.T @ b)) / self.complement_rate])
+                target = np.concatenate([y, (b - self.basis.expand(pb)) / self.complement_rate])
         return ModalSystem(self.basis, self.rates, self.complement_rate, target, self.n, self.cell_scale)
 
     def solution(self) -> np.ndarray:
@@ -311,7 +315,7 @@ def overdamped_system(drift: Drift, b: np.ndarray, cap: np.ndarray | None = None
             if low <= 0.0:
                 return unstable(float(lam[0]), 2.0 / lam[-1] if lam[-1] > 0.0 else math.inf,
                                 f"Dense drift is not positive definite: smallest eigenvalue {low:.3g}")
-            return ModalSystem(np.ascontiguousarray(u), lam, None, np.zeros(n), n, scale).with_bias(b)
+            return ModalSystem(MatrixBasis(u), lam, None, np.zeros(n), n, scale).with_bias(b)
         inv_c = None if cap is None else 1.0 / cap
         f = np.ascontiguousarray(a if inv_c is None else inv_c[:, None] * a)
         # the rates the cells see are those of C^-1 A: per-cell capacitances can destabilise a
@@ -326,17 +330,6 @@ def overdamped_system(drift: Drift, b: np.ndarray, cap: np.ndarray | None = None
     if j_out is None and cap is None:
         return _factored_system(drift, b, unstable, indefinite_h_ok=unstable_ok)
     return _factored_stepping_only(drift, b, j_out, cap, unstable)
-
-
-def _check_h(h: np.ndarray) -> np.ndarray:
-    if not _symmetric(h):
-        raise NotStableError("Factored.H must be symmetric")
-    h = 0.5 * (h + h.T)
-    h_eigs = np.linalg.eigvalsh(h)
-    h_scale = max(float(np.abs(h_eigs).max()), 1e-300)
-    if h_eigs[0] < -1e-10 * h_scale:
-        raise NotStableError(f"Factored.H is not positive semidefinite: smallest eigenvalue {h_eigs[0]:.3g}")
-    return h
 
 
 def _factored_margin(ev: np.ndarray, damping: float, n: int, cap: np.ndarray | None) -> float:
@@ -393,7 +386,7 @@ def _factored_system(drift: Drift, b: np.ndarray, unstable: Callable[[float, flo
     m, n = j.shape
     h_raw = np.asarray(drift.H, dtype=np.float64)
     try:
-        h = _check_h(h_raw)
+        h = check_h(h_raw)
         psd = True
     except NotStableError:
         # Converter codes can tip a PSD but singular H (a softmax GGN block) slightly indefinite;
@@ -417,13 +410,10 @@ def _factored_system(drift: Drift, b: np.ndarray, unstable: Callable[[float, flo
         message = ("Factored drift is singular: J^T H J has a null space and damping is 0 (set damping > 0)"
                    if psd else f"Factored drift is not positive definite: smallest rate {margin:.3g}")
         return unstable(margin, 2.0 / top if top > 0.0 else math.inf, message)
-    u = np.ascontiguousarray(u)  # (N, r)
-    y_target = (u.T @ b) / rates
-    if complement:
-        z_target = (b - u @ (u.T @ b)) / lam_d
-        target = np.concatenate([y_target, z_target])
-        return ModalSystem(basis=u, rates=rates, complement_rate=lam_d, target=target, n=n)
-    return ModalSystem(basis=u, rates=rates, complement_rate=None, target=y_target, n=n)
+    system = ModalSystem(basis=u, rates=rates, complement_rate=lam_d if complement else None,
+                         target=np.zeros(r + n if complement else r), n=n)
+    # programming analyses with b = 0 and sets the bias afterwards: skip two passes over J
+    return system.with_bias(b) if b.any() else system
 
 
 def underdamped_system(drift: Drift, b: np.ndarray, inductance: float, resistance: float) -> GeneralSystem:

@@ -47,6 +47,7 @@ from .mismatch import Chip
 from .noise import FlickerNoise
 from .profile import Profile
 from .propagator import Propagator
+from .rails import RailGuard
 from .range_map import saturation_rail
 from .realization import ProgramWork, Realized
 from .snapshot import ProgramSource
@@ -128,9 +129,11 @@ class Programmed:
 
 
 def needs_stepping(profile: Profile, system: object) -> bool:
-    """Rails and 1/f noise make the dynamics non-linear or non-Markov in x, and an unstable drift
-    lives only by its rails: no exact propagator."""
-    return (isinstance(system, (SteppingOnlySystem, UnstableSystem)) or profile.range.rail > 0.0
+    """1/f noise makes the dynamics non-Markov in x, and an unstable drift lives only by its
+    rails: no exact propagator. Rails alone leave a symmetric drift exact where the rails are out
+    of reach (``rails.RailGuard``); a non-symmetric one keeps stepping with rails."""
+    rails = profile.range.rail > 0.0 and not isinstance(system, ModalSystem)
+    return (isinstance(system, (SteppingOnlySystem, UnstableSystem)) or rails
             or profile.noise.flicker_corner > 0.0)
 
 
@@ -152,21 +155,29 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
     if method == "exact" and unstable:
         method = "auto"  # a runaway into the rails has no exact propagator: the chip still runs it
     if method == "exact" and stepping:
-        why = system.reason if isinstance(system, SteppingOnlySystem) else "rails or 1/f noise"
+        why = system.reason if isinstance(system, SteppingOnlySystem) else "rails on a non-symmetric drift or 1/f noise"
         raise UnsupportedError(f"exact integration cannot propagate this drift ({why}); "
                                "use integrator.method = 'auto' or a stepping method")
     if method == "auto":
         method = "exact" if not stepping else ("heun" if dynamics == "overdamped" else "baoab")
     n = real.drift.dim
     prop: Propagator
-    if method == "exact":
-        prop = (ModalPropagator(system, closed_form=profile.integrator.window == "closed_form")
-                if isinstance(system, ModalSystem) else GeneralPropagator(system))
-    elif dynamics == "overdamped":
-        dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method))
+    def stepper(scheme: str) -> OverdampedStepper:
+        dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, scheme))
         rail = saturation_rail(profile) if unstable else profile.range.rail
-        prop = OverdampedStepper(real.drift, real.bias, dt, method, j_out=real.j_out, cap=real.cap,
+        return OverdampedStepper(real.drift, real.bias, dt, scheme, j_out=real.j_out, cap=real.cap,
                                  rail=rail, flicker=flicker.for_program(kappa(), n))
+
+    if method == "exact" and isinstance(system, ModalSystem):
+        prop = ModalPropagator(system, closed_form=profile.integrator.window == "closed_form")
+        if profile.range.rail > 0.0:
+            # exact while the rails are out of reach, Heun with clipping when they are not
+            dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, "heun"))
+            prop = RailGuard(prop, profile.range.rail, dt, lambda: stepper("heun"))
+    elif method == "exact":
+        prop = GeneralPropagator(system)
+    elif dynamics == "overdamped":
+        prop = stepper(method)
     else:
         u = profile.underdamped
         dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, method, u.inductance))

@@ -186,6 +186,9 @@ class RunLoop:
                 diag["dt"] = now.last_step
             steps = now.steps_taken - before.steps_taken
             diag["rail_clipped_fraction"] = (now.rail_clipped - before.rail_clipped) / max(steps * cur.state_dim, 1)
+            if cur.method == "exact":
+                # rails.RailGuard: the rails were within reach, so (part of) this run was stepped
+                diag["stepped_for_rails"] = steps > 0
         if not self.adc.ideal:
             clipped = self.adc.clipped - adc_before[0]
             count = self.adc.count - adc_before[1]
