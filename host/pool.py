@@ -16,15 +16,24 @@ device multiplexing 4 tiles and 4 Ray actors give the same bits. A device that c
 (the register board) keeps each tile's analog state only (``device.state``): the warm start
 survives multiplexing, the noise stream is the device's own (deterministic, not the same bits).
 
-Failures: any tile run that raises ends the step with ``TileFailedError`` naming the tile, the
-device and the cause, after every other host has answered (nothing is silently dropped); a host
-that does not answer within ``timeout`` seconds gives ``DeviceTimeoutError`` naming its tiles.
-Reconnecting to a restarted daemon is the ``DeviceClient``'s (``retries``, ``restore``).
+Failures: with ``PoolConfig.failover`` (the default), a device whose tile run raises or does not
+answer within ``timeout`` seconds is retired: its tiles move to the least loaded live devices
+(each adopts a moved tile as a fresh context of the tile's own seed, warm-started from the tile's
+last returned state) and the pass re-runs them there; every move is recorded (``moves``, and
+``tile_moves`` in the step's diagnostics). Without failover, or with no device left, the step ends
+with ``TileFailedError`` naming the tile, the device and the cause, after every other host has
+answered (nothing is silently dropped), or ``DeviceTimeoutError`` naming the late tiles. A stability
+refusal (NotStable) is never failed over: the TNGD guard handles it. Reconnecting to a restarted
+daemon is the ``DeviceClient``'s (``retries``, ``restore``).
+
+Checkpoints: ``snapshot()`` gathers every tile's context (analog state, programs, noise stream),
+so a tiled run resumes bit for bit; a pool with a device that cannot snapshot keeps states only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import math
 import os
 import time
@@ -53,6 +62,7 @@ from .connect import connect
 from .tiling import SweepReport, TilePlan, compact, solve_tiles, tile_drift
 
 BACKENDS = ("local", "ray")
+_log = logging.getLogger(__name__)
 
 
 def tile_seed(seed: int, tile: int) -> int:
@@ -244,6 +254,42 @@ class TileHost:
         return TileOutcome(job.tile, np.asarray(res.mean, dtype=np.float64), np.asarray(res.state),
                            float(res.analog_time_s), time.perf_counter() - t0, diag)
 
+    def snapshot_tiles(self) -> dict[int, DeviceSnapshot]:
+        """Every tile's full context (analog state, programs, noise stream) by tile index."""
+        if self.mode == "state":
+            raise UnsupportedError(f"device {self.index} ({self.spec.address}) cannot snapshot: its tiles keep "
+                                   "their analog states only")
+        out = {t: snap for t, snap in self.saved.items() if t != self.current and isinstance(snap, DeviceSnapshot)}
+        out[self.current] = self.device.snapshot()
+        return out
+
+    def restore_tiles(self, snaps: dict[int, DeviceSnapshot]) -> None:
+        """Load ``snapshot_tiles``'s result (every tile of this host must be in it)."""
+        if self.mode == "state":
+            raise UnsupportedError(f"device {self.index} ({self.spec.address}) cannot restore snapshots")
+        missing = [t for t in self.tiles if t not in snaps]
+        if missing:
+            raise InvalidInputError(f"the snapshot holds no context for tile(s) {missing} of device {self.index}")
+        for t in self.tiles:
+            if t == self.current:
+                self.device.restore(snaps[t])
+            else:
+                self.saved[t] = snaps[t]
+
+    def adopt(self, tile: int, seed: int) -> None:
+        """Serve one more tile, moved here from a failed device: a fresh context of its own seed
+        (its warm start comes with its next job). A dedicated device starts multiplexing."""
+        if tile in self.tiles:
+            return
+        if self.mode == "single":
+            try:
+                self.device.snapshot()
+                self.mode = "snapshot"
+            except UnsupportedError:
+                self.mode = "state"
+        self.tiles.append(int(tile))
+        self.saved[int(tile)] = self._fresh(int(seed)) if self.mode == "snapshot" else None
+
     def get_state(self, tile: int) -> np.ndarray:
         """Tile ``tile``'s analog state in host units (switches it in when multiplexed)."""
         if self.mode == "state" and tile != self.current:
@@ -271,9 +317,12 @@ class LocalHandle:
     def submit(self, method: str, *args: Any) -> cf.Future:
         return self.pool.submit(getattr(self.host, method), *args)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the device; ``wait=False`` (a retired, maybe hung device) queues it and returns."""
         try:
-            self.pool.submit(self.host.close).result(timeout=10.0)
+            done = self.pool.submit(self.host.close)
+            if wait:
+                done.result(timeout=10.0)
         finally:
             self.pool.shutdown(wait=False)
 
@@ -292,6 +341,9 @@ class PoolConfig:
         resources: Ray custom resources per actor, e.g. {"spu": 1} (backend "ray").
         ray_cpus: CPUs each Ray actor reserves (0.5: four actors on two cores).
         ray_address: ``ray.init`` address (None: the running session or a local one).
+        failover: a device whose tile run fails (an error or a timeout) is retired and its tiles
+            move to the remaining devices, which re-run them from their last states; False: the
+            step fails with ``TileFailedError`` as soon as one tile does.
     """
 
     tiles: str = "layer"
@@ -305,6 +357,7 @@ class PoolConfig:
     resources: dict[str, float] | None = None
     ray_address: str | None = None
     ray_cpus: float = 1.0
+    failover: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
@@ -327,9 +380,15 @@ class TiledDevice:
     """
 
     def __init__(self, plan: TilePlan, handles: Sequence[Any], assignment: Sequence[int], *, sweeps: int = 0,
-                 method: str = "gauss-seidel", relax: float = 1.0, timeout: float = 600.0) -> None:
+                 method: str = "gauss-seidel", relax: float = 1.0, timeout: float = 600.0,
+                 seeds: Sequence[int] | None = None, failover: bool = False) -> None:
         self.plan, self.handles, self.assignment = plan, list(handles), list(assignment)
         self.sweeps, self.method, self.relax, self.timeout = sweeps, method, relax, float(timeout)
+        self.seeds = list(seeds) if seeds is not None else [tile_seed(0, t) for t in range(len(plan))]
+        self.failover = failover
+        self.retired: dict[int, str] = {}  # device index -> why it was retired
+        self.moves: list[dict[str, Any]] = []  # every tile move, in order
+        self._tile_states: dict[int, np.ndarray] = {}  # each tile's last returned state (a move's warm start)
         self.pending: dict[int, np.ndarray] = {}
         self.last: dict[str, Any] = {}
         self.last_report: SweepReport | None = None
@@ -352,6 +411,11 @@ class TiledDevice:
                                      f"within {self.timeout} s")
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
+            self._raise(errors)
+        return [f.result() for f in futures]
+
+    def _raise(self, errors: list[BaseException]) -> None:
+        if errors:
             first = errors[0]
             if isinstance(first, DeviceError) and first.code == ErrorCode.NOT_STABLE:
                 # the stability guard retries an unstable drift with more damping: keep its type
@@ -363,7 +427,67 @@ class TiledDevice:
                 raise type(first)(f"{first} (and {len(errors) - 1} more failed device call(s))",
                                   **_fields(first)) from errors[0]
             raise first
-        return [f.result() for f in futures]
+
+    def _live(self) -> list[int]:
+        return [k for k in range(len(self.handles)) if k not in self.retired]
+
+    def _retire(self, k: int, why: BaseException) -> None:
+        """Take device k out of the pool and move its tiles to the least loaded live devices."""
+        self.retired[k] = f"{type(why).__name__}: {why}"
+        try:
+            self.handles[k].close(wait=False)  # a hung device must not hold the step up
+        except Exception:  # noqa: BLE001 - it failed already; its goodbye may fail too
+            pass
+        for t, d in enumerate(self.assignment):
+            if d != k:
+                continue
+            live = self._live()
+            to = min(live, key=lambda j: (self.assignment.count(j), j))
+            self._gather([self.handles[to].submit("adopt", t, self.seeds[t])], "adopt")
+            self.assignment[t] = to
+            self.hosts[to]["tiles"] = sorted([*self.hosts[to]["tiles"], t])
+            self.moves.append({"tile": t, "from": k, "to": to, "why": self.retired[k][:200]})
+            _log.warning("tile pool: device %d retired (%s); tile %d moved to device %d", k,
+                         self.retired[k][:200], t, to)
+        self.hosts[k]["tiles"] = []
+        self.hosts[k]["retired"] = self.retired[k][:200]
+
+    def _run_pass(self, jobs: list[TileJob]) -> tuple[dict[int, TileOutcome], list[list[TileOutcome]]]:
+        """Run one pass of tile jobs on their devices; with ``failover``, a device that fails (or
+        does not answer in time) is retired and its jobs re-run where its tiles moved."""
+        outcomes: dict[int, TileOutcome] = {}
+        per_device_outcomes: list[list[TileOutcome]] = []
+        todo = list(jobs)
+        while todo:
+            per_host: dict[int, list[TileJob]] = {}
+            for job in todo:
+                per_host.setdefault(self.assignment[job.tile], []).append(job)
+            futures = {k: self.handles[k].submit("run", js) for k, js in per_host.items()}
+            _, late = cf.wait(list(futures.values()), timeout=self.timeout)
+            failed: dict[int, BaseException] = {}
+            for k, f in futures.items():
+                if f in late:
+                    tiles = [j.tile for j in per_host[k]]
+                    failed[k] = DeviceTimeoutError(f"tile pool: run on device(s) [{k}] (tiles {tiles}) did not finish "
+                                                   f"within {self.timeout} s")
+                elif f.exception() is not None:
+                    failed[k] = f.exception()  # type: ignore[assignment]
+                else:
+                    outs = f.result()
+                    per_device_outcomes.append(outs)
+                    outcomes.update((o.tile, o) for o in outs)
+            if not failed:
+                break
+            errors = list(failed.values())
+            unstable = any(isinstance(e, DeviceError) and e.code == ErrorCode.NOT_STABLE for e in errors)
+            if unstable or not self.failover or len(self._live()) <= len(failed):
+                # the guard's NotStable keeps its type; without failover (or a device left) it fails
+                self._raise(errors)
+            for k, exc in failed.items():
+                self._retire(k, exc)
+            todo = [replace(j, state=j.state if j.state is not None else self._tile_states.get(j.tile))
+                    for k in failed for j in per_host[k]]
+        return outcomes, per_device_outcomes
 
     # -- the Device role ---------------------------------------------------------------------------------
 
@@ -407,11 +531,9 @@ class TiledDevice:
             for t, b in jobs:
                 per_host[self.assignment[t]].append(TileJob(t, blocks[t], b, duration, burn_in,
                                                             delay if first else 0.0, reset, self.pending.pop(t, None)))
-            busy = [k for k, js in enumerate(per_host) if js]
             t0 = time.perf_counter()
-            results = self._gather([self.handles[k].submit("run", per_host[k]) for k in busy], "run")
+            by_tile, results = self._run_pass([j for js in per_host for j in js])
             wall = time.perf_counter() - t0
-            by_tile = {o.tile: o for outs in results for o in outs}
             for o in by_tile.values():
                 states[o.tile] = o.state
                 diags.append(o.diagnostics)
@@ -426,7 +548,8 @@ class TiledDevice:
         analog = float(sum(p["analog_s"] for p in passes))
         self.last = {"residuals": report.residuals, "runs": report.runs, "wall_s": wall,
                      "device_wall_s": float(sum(p["wall_s"] for p in passes)), "analog_time_s": analog,
-                     "passes": len(passes)}
+                     "passes": len(passes), "tile_moves": len(self.moves), "retired_devices": sorted(self.retired)}
+        self._tile_states.update(states)
         state = np.concatenate([states[t.index] if t.index in states else np.zeros(0) for t in self.plan.tiles])
         diagnostics: dict[str, Any] = dict(self.last)
         if any(d.get("unstable") for d in diags):
@@ -461,16 +584,47 @@ class TiledDevice:
         raise UnsupportedError("calibrate the pool's devices one by one, before tiling")
 
     def snapshot(self) -> DeviceSnapshot:
-        raise UnsupportedError("a tiled device does not snapshot (a checkpoint keeps each tile's analog state)")
+        """Every tile's full context (analog state, programs, noise stream): a tiled checkpoint
+        resumes bit for bit. UnsupportedError when a device of the pool cannot snapshot (then a
+        checkpoint keeps each tile's analog state)."""
+        live = [k for k in self._live() if any(d == k for d in self.assignment)]
+        parts = self._gather([self.handles[k].submit("snapshot_tiles") for k in live], "snapshot")
+        meta: dict[str, Any] = {"backend": "tiled", "format": 1, "tiles": len(self.plan), "contexts": {}}
+        arrays: dict[str, np.ndarray] = {}
+        for part in parts:
+            for t, snap in part.items():
+                meta["contexts"][str(t)] = snap.meta
+                arrays.update((f"{t}/{name}", a) for name, a in snap.arrays.items())
+        for t, st in self.pending.items():  # a state set but not yet run belongs to the checkpoint
+            arrays[f"pending/{t}"] = st
+        return DeviceSnapshot(meta, arrays)
 
     def restore(self, snapshot: DeviceSnapshot) -> None:
-        raise UnsupportedError("a tiled device does not restore snapshots")
+        """Load ``snapshot()``'s result into the same plan (any number of devices, any assignment)."""
+        meta = snapshot.meta
+        if meta.get("backend") != "tiled" or meta.get("tiles") != len(self.plan):
+            raise InvalidInputError(f"not a snapshot of a {len(self.plan)}-tile pool (backend "
+                                    f"{meta.get('backend')!r}, tiles {meta.get('tiles')!r})")
+        contexts = meta.get("contexts", {})
+        snaps: dict[int, DeviceSnapshot] = {}
+        for t in range(len(self.plan)):
+            if str(t) not in contexts:
+                raise InvalidInputError(f"the pool snapshot holds no context for tile {t}")
+            prefix = f"{t}/"
+            snaps[t] = DeviceSnapshot(contexts[str(t)], {k[len(prefix):]: v for k, v in snapshot.arrays.items()
+                                                         if k.startswith(prefix)})
+        live = [k for k in self._live() if any(d == k for d in self.assignment)]
+        self._gather([self.handles[k].submit("restore_tiles", {t: snaps[t] for t, d in enumerate(self.assignment)
+                                                                if d == k}) for k in live], "restore")
+        self.pending = {int(k.split("/", 1)[1]): v for k, v in snapshot.arrays.items() if k.startswith("pending/")}
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for h in self.handles:
+        for k, h in enumerate(self.handles):
+            if k in self.retired:
+                continue  # closed when it was retired
             try:
                 h.close()
             except Exception:  # noqa: BLE001 - closing the rest matters more than one device's goodbye
@@ -513,7 +667,8 @@ def open_pool(plan: TilePlan, spec: DeviceSpec, config: PoolConfig, seed: int = 
             for d, g in enumerate(groups):
                 handles.append(LocalHandle(spec, g, [tile_seed(seed, t) for t in g], d))
         return TiledDevice(plan, handles, assignment, sweeps=config.sweeps, method=config.method,
-                           relax=config.relax, timeout=config.timeout)
+                           relax=config.relax, timeout=config.timeout,
+                           seeds=[tile_seed(seed, t) for t in range(len(plan))], failover=config.failover)
     except BaseException:
         for h in handles:
             try:

@@ -85,9 +85,12 @@ class RayHandle:
     def submit(self, method: str, *args: Any) -> cf.Future:
         return self.actor.call.remote(method, *args).future()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the device and end the actor; ``wait=False`` (a retired, maybe hung device)
+        ends the actor at once."""
         ray = _ray()
         try:
-            ray.get(self.actor.call.remote("close"), timeout=10.0)
+            if wait:
+                ray.get(self.actor.call.remote("close"), timeout=10.0)
         finally:
             ray.kill(self.actor)

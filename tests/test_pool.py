@@ -16,7 +16,7 @@ from host.pool import DeviceSpec, PoolConfig, TiledDevice, TileFailedError, open
 from host.tiling import TilePlan, plan_tiles
 from host.tngd_core import TNGDCore
 from protocol import Factored
-from protocol.errors import CapacityError, DeviceTimeoutError, UnsupportedError
+from protocol.errors import CapacityError, DeviceTimeoutError, InvalidInputError, UnsupportedError
 
 NOISY = DeviceSpec("embedded:ideal", {"noise.kappa": 1e-3})  # noise that matters: bits depend on streams
 
@@ -152,7 +152,7 @@ class _SlowSpec(DeviceSpec):
 def test_a_device_that_does_not_answer_ends_the_step_within_the_pool_timeout() -> None:
     plan = TilePlan.from_bounds([0, 30, 60])
     spec = _SlowSpec("embedded:ideal", slow_seed=tile_seed(0, 1))
-    dev = open_pool(plan, spec, PoolConfig(devices=2, timeout=0.5), seed=0)
+    dev = open_pool(plan, spec, PoolConfig(devices=2, timeout=0.5, failover=False), seed=0)
     g, curv = _steps(steps=1)[0]
     t0 = time.perf_counter()
     with pytest.raises(DeviceTimeoutError, match=r"device\(s\) \[1\] \(tiles \[1\]\).*0.5 s"):
@@ -160,6 +160,15 @@ def test_a_device_that_does_not_answer_ends_the_step_within_the_pool_timeout() -
     assert time.perf_counter() - t0 < 2.0
     time.sleep(3.0)  # let the slow call end before closing its device
     dev.close()
+    # with failover the late device is retired and its tile finishes on the other one
+    dev = open_pool(plan, spec, PoolConfig(devices=2, timeout=0.5), seed=0)
+    t0 = time.perf_counter()
+    res = dev.step(curv.damped(0.1), g, 5.0)
+    assert time.perf_counter() - t0 < 2.5 and np.all(np.isfinite(res.mean))
+    assert dev.moves == [{"tile": 1, "from": 1, "to": 0, "why": dev.retired[1][:200]}]
+    assert "did not finish within 0.5 s" in dev.retired[1]
+    dev.close()
+    time.sleep(3.0)  # the retired device's slow call ends on its own thread
 
 
 # -- a daemon that dies mid-step -----------------------------------------------------------------------
@@ -233,7 +242,7 @@ def test_a_failing_tile_in_a_pool_is_reported_with_its_index() -> None:
             return _Broken(dev) if seed == tile_seed(0, 2) else dev
 
     plan = TilePlan.from_bounds([0, 20, 40, 60])
-    with open_pool(plan, _BrokenSpec("embedded:ideal"), PoolConfig(devices=3), seed=0) as dev:
+    with open_pool(plan, _BrokenSpec("embedded:ideal"), PoolConfig(devices=3, failover=False), seed=0) as dev:
         g, curv = _steps(steps=1)[0]
         with pytest.raises(TileFailedError, match="tile 2 on device 2 .*RuntimeError: link down") as info:
             dev.step(curv.damped(0.1), g, 5.0)
@@ -243,8 +252,8 @@ def test_a_failing_tile_in_a_pool_is_reported_with_its_index() -> None:
 def test_tiled_device_refuses_what_it_cannot_do() -> None:
     with open_pool(TilePlan.from_bounds([0, 30, 60]), NOISY, PoolConfig(devices=2)) as dev:
         assert isinstance(dev, TiledDevice) and dev.capabilities().cells == 60
-        with pytest.raises(UnsupportedError):
-            dev.snapshot()
+        with pytest.raises(InvalidInputError, match="not a snapshot of a 2-tile pool"):
+            dev.restore(NOISY.open(0).snapshot())
         with pytest.raises(UnsupportedError):
             dev.step(Factored(np.ones((2, 60)), np.eye(2), 0.1), np.ones(60), 5.0, samples=3)
         with pytest.raises(Exception, match="N = 61"):
@@ -316,3 +325,91 @@ def test_tiles_time_multiplexed_on_the_register_board(tmp_path: Path) -> None:
         board.stop()
         log.close()
 
+
+
+# -- failover and checkpoints (issue 14) ----------------------------------------------------------------
+
+class _Failing:
+    """An emulator whose ``step`` raises from its ``fail_at``-th call on (a device that died)."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @state.setter
+    def state(self, value):
+        self.inner.state = value
+
+    def step(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            from protocol.errors import InternalError
+            raise InternalError("the board stopped answering")
+        return self.inner.step(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _FailingSpec(DeviceSpec):
+    bad_seed: int = 0
+    fail_at: int = 5
+
+    def open(self, seed: int):
+        dev = super().open(seed)
+        return _Failing(dev, self.fail_at) if seed == self.bad_seed else dev
+
+
+def test_a_failed_device_hands_its_tiles_to_the_others() -> None:
+    """Device 0 (tiles 0, 2, 4) dies in the middle of the second step's pass: its tiles move to
+    device 1, re-run from their last states, and the step completes with the numbers a healthy
+    pool gives (noiseless, so they depend on the warm starts only)."""
+    spec = _FailingSpec("embedded:ideal", {"noise.kappa": 0.0}, bad_seed=tile_seed(0, 0), fail_at=5)
+    healthy = DeviceSpec("embedded:ideal", {"noise.kappa": 0.0})
+    steps = _steps()
+    with open_pool(PLAN, healthy, PoolConfig(devices=2), seed=0) as ok:
+        ref = _run(ok, steps)
+    with open_pool(PLAN, spec, PoolConfig(devices=2), seed=0) as pool:
+        got = _run(pool, steps)
+        assert [m["tile"] for m in pool.moves] == [0, 2, 4] and {m["to"] for m in pool.moves} == {1}
+        assert "stopped answering" in pool.retired[0] and pool.last["tile_moves"] == 3
+        assert pool.assignment == [1] * 5
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_without_failover_or_a_spare_the_failed_tile_is_named() -> None:
+    spec = _FailingSpec("embedded:ideal", {"noise.kappa": 0.0}, bad_seed=tile_seed(0, 0), fail_at=2)
+    for config in (PoolConfig(devices=2, failover=False), PoolConfig(devices=1)):
+        with open_pool(PLAN, spec, config, seed=0) as pool:
+            with pytest.raises(TileFailedError, match="stopped answering") as info:
+                _run(pool, _steps())
+            assert info.value.tile == (2 if config.devices == 2 else 1)
+
+
+@pytest.mark.parametrize("devices_after", [5, 2])
+def test_a_tiled_checkpoint_resumes_bit_for_bit(devices_after: int) -> None:
+    """snapshot() carries every tile's noise stream and programs: restored into a pool of any
+    size, the next steps give the same bits as the uninterrupted run."""
+    steps = _steps(steps=4)
+    with open_pool(PLAN, NOISY, PoolConfig(devices=2, sweeps=1), seed=3) as pool:
+        core = TNGDCore(pool, analog_time=5.0, delay=0.5, burn_in=1.0)
+        st = core.init(0.05)
+        for g, curv in steps[:2]:
+            _, st = core.solve(st, g, curv)
+        snap, mid = pool.snapshot(), st
+        ref = []
+        for g, curv in steps[2:]:
+            x, st = core.solve(st, g, curv)
+            ref.append(x)
+    with open_pool(PLAN, NOISY, PoolConfig(devices=devices_after, sweeps=1), seed=99) as fresh:
+        fresh.restore(snap)
+        core = TNGDCore(fresh, analog_time=5.0, delay=0.5, burn_in=1.0)
+        st, got = mid, []
+        for g, curv in steps[2:]:
+            x, st = core.solve(st, g, curv)
+            got.append(x)
+    assert np.array_equal(np.concatenate(got), np.concatenate(ref))
