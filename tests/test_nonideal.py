@@ -22,6 +22,7 @@ ALL_OFF = {
     "noise.injected_kappa": 0.0, "noise.flicker_corner": 0.0, "temperature.ramp_K_per_tau": 0.0,
     "temperature.walk_K_per_sqrt_tau": 0.0, "temperature.conductance_tempco_per_K": 0.0,
     "temperature.capacitance_tempco_per_K": 0.0, "noise.kappa": 0.02, "integrator.dt": 0.01,
+    "integrator.variance_tol": 0.0,
 }
 
 
@@ -218,12 +219,16 @@ def test_flicker_poles_match_white_psd_at_corner_and_raise_variance() -> None:
     assert abs(est / var_theory - 1.0) < 4.5 * np.sqrt(2 / (8 * n / 2))
 
 
-def test_calibration_cuts_mismatch_error_5x_on_the_noisy_profile() -> None:
+def test_calibration_brings_the_noisy_profile_down_to_its_noise_floor() -> None:
+    """Uncalibrated, the percent-level mismatch shows far above the solve's own statistical error
+    (its ensemble estimate, a standard error); calibrated, what is left is within 3 of them.
+    (A fixed ratio such as 5x is not a bound: the calibrated error is noise, 0.003-0.009 over
+    seeds and steps for an estimate of 0.006.)"""
     a, _ = spd_matrix(16, 10.0, seed=1)
     b = np.random.default_rng(0).standard_normal(16)
     x_star = np.linalg.solve(a, b)
     overrides = {"coupling.rounding": "stochastic", "dac.rounding": "stochastic"}
-    errors = {}
+    errors, noise = {}, {}
     for calibrated in (False, True):
         emu = Emulator(load_profile("noisy", overrides), seed=0)
         if calibrated:
@@ -231,8 +236,9 @@ def test_calibration_cuts_mismatch_error_5x_on_the_noisy_profile() -> None:
             assert summary["n"] == 16 and emu.info()["calibrated_sizes"] == [16]
         res = host.solve(a, b, duration=32 * 200.0, burn_in=20.0, batches=32, ensemble=True, device=emu)
         errors[calibrated] = np.linalg.norm(res.value - x_star) / np.linalg.norm(x_star)
-    assert errors[False] > 0.01  # percent-level mismatch shows
-    assert errors[False] / errors[True] >= 5.0, errors
+        noise[calibrated] = res.rel_error_estimate
+    assert errors[False] > 3.0 * noise[False], (errors, noise)  # mismatch shows above the noise
+    assert errors[True] < 3.0 * noise[True], (errors, noise)
 
 
 def test_calibrate_restores_program_and_state() -> None:

@@ -59,10 +59,12 @@ def test_method_must_fit_dynamics() -> None:
 def test_exact_refuses_what_it_cannot_propagate() -> None:
     import numpy as np
 
-    from protocol.drift import Diagonal
+    from protocol.drift import Dense, Diagonal
 
-    emu = Emulator(load_profile("ideal", {"range.rail": 1.0}))
-    with pytest.raises(UnsupportedError, match="auto"):
-        emu.program(Diagonal(np.ones(3)), np.ones(3))
+    emu = Emulator(load_profile("ideal", {"range.rail": 1.0, "mismatch.coupling_rel_std": 0.01}))
+    with pytest.raises(UnsupportedError, match="auto"):  # rails on a non-symmetric drift
+        emu.program(Dense(np.eye(3) + 0.1 * np.arange(9).reshape(3, 3)), np.ones(3))
+    # rails alone leave a symmetric drift exact (rails.RailGuard)
+    Emulator(load_profile("ideal", {"range.rail": 1.0})).program(Diagonal(np.ones(3)), np.ones(3))
     with pytest.raises(ProfileError, match="range.rail"):
         Emulator(load_profile("ideal", {"device.dynamics": "underdamped", "range.rail": 1.0}))

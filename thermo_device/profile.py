@@ -50,6 +50,9 @@ class IntegratorSection:
                        choices=("exact", "euler_maruyama", "heun", "baoab", "auto"))
     dt: float = _key(0.01, "time step of the stepping integrators, in tau (an upper bound: the "
                      "step is shrunk so readout times fall on the grid)", lo=0.0, lo_open=True, hi=10.0)
+    variance_tol: float = _key(0.0, "stepping accuracy: largest relative error of a mode's stationary "
+                               "variance the step may cause (Heun: (a dt)^2 / 4, Euler-Maruyama: a dt / 2 for "
+                               "the fastest rate a); 0 = bounded by dt and stability only", lo=0.0, hi=0.5)
     window: str = _key("closed_form", "readout window of the exact modal propagator: closed_form (the mean "
                        "and final state drawn exactly in distribution, 2 normals per mode) or sampled "
                        "(every ADC sample stepped, the random stream of earlier versions); returned samples, second "

@@ -24,6 +24,7 @@ The RLC array (underdamped) takes stages 1-3 and its own analysis: it has no bia
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -128,6 +129,45 @@ class Programmed:
         return self.realized.drift.dim
 
 
+def step_bound(profile: Profile, system: object, scheme: str) -> float:
+    """The overdamped stepping integrator's step: ``integrator.dt``, at most STABILITY_MARGIN of the
+    stability limit, and, with ``integrator.variance_tol`` > 0, short enough that the fastest
+    mode's stationary variance is off by at most that fraction.
+
+    On a mode with rate a, Heun's stationary variance is the exact kappa / a times
+    (1 - z + z^2/4) / (1 - z + z^2/2 - z^3/8) = 1 - z^2/4 + O(z^3) with z = a dt, and
+    Euler-Maruyama's times 2 / (2 - z): the largest z within tol solves these exactly
+    (``_largest_z``). The stability limit 2 / rho (real spectrum) gives the fastest rate rho. The
+    time average's mean is exact at any stable step (the fixed point is exact), and its variance to
+    leading order in z.
+    """
+    limit = stable_step(system, scheme)
+    dt = min(profile.integrator.dt, STABILITY_MARGIN * limit)
+    tol = profile.integrator.variance_tol
+    if tol > 0.0 and math.isfinite(limit):
+        dt = min(dt, _largest_z(scheme, tol) * limit / 2.0)  # rho = 2 / limit
+    return dt
+
+
+def _variance_error(scheme: str, z: float) -> float:
+    """|stationary variance / (kappa / a) - 1| of one step of the scheme on an OU mode, z = a dt."""
+    if scheme == "heun":
+        r = 1.0 - z + 0.5 * z * z
+        return abs(2.0 * z * (1.0 - 0.5 * z) ** 2 / (1.0 - r * r) - 1.0)
+    return z / (2.0 - z)  # Euler-Maruyama: 2 / (2 - z) - 1
+
+
+def _largest_z(scheme: str, tol: float) -> float:
+    """The largest z in (0, 1] whose variance error is at most tol (bisection: it grows with z)."""
+    lo, hi = 0.0, 1.0
+    if _variance_error(scheme, hi) <= tol:
+        return hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _variance_error(scheme, mid) <= tol else (lo, mid)
+    return lo
+
+
 def needs_stepping(profile: Profile, system: object) -> bool:
     """1/f noise makes the dynamics non-Markov in x, and an unstable drift lives only by its
     rails: no exact propagator. Rails alone leave a symmetric drift exact where the rails are out
@@ -163,7 +203,7 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
     n = real.drift.dim
     prop: Propagator
     def stepper(scheme: str) -> OverdampedStepper:
-        dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, scheme))
+        dt = step_bound(profile, system, scheme)
         rail = saturation_rail(profile) if unstable else profile.range.rail
         return OverdampedStepper(real.drift, real.bias, dt, scheme, j_out=real.j_out, cap=real.cap,
                                  rail=rail, flicker=flicker.for_program(kappa(), n))
@@ -172,7 +212,7 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
         prop = ModalPropagator(system, closed_form=profile.integrator.window == "closed_form")
         if profile.range.rail > 0.0:
             # exact while the rails are out of reach, Heun with clipping when they are not
-            dt = min(profile.integrator.dt, STABILITY_MARGIN * stable_step(system, "heun"))
+            dt = step_bound(profile, system, "heun")
             prop = RailGuard(prop, profile.range.rail, dt, lambda: stepper("heun"))
     elif method == "exact":
         prop = GeneralPropagator(system)
