@@ -41,7 +41,9 @@ def _flatten(d, prefix=""):
 # * noisy/ (every form), noisy-capfree/factored/, tngd/embedded:noisy: issue 15's accuracy-bounded
 #   step. The noisy profile steps at dt = 0.1 with integrator.variance_tol = 0.005 (it was 0.02):
 #   other steps, so other numbers (tests/test_step_accuracy.py checks the bound).
-CHANGED_ON_PURPOSE = ("noisy/", "noisy-capfree/factored/", "tngd/embedded:noisy", "spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/", "ideal/factored/",
+# * ideal-flicker/: issue 15's exact 1/f noise. A symmetric drift with 1/f noise, isotropic
+#   and without rails, is propagated exactly with per-mode poles (flicker_exact.py); it was Heun.
+CHANGED_ON_PURPOSE = ("ideal-flicker/", "noisy/", "noisy-capfree/factored/", "tngd/embedded:noisy", "spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/", "ideal/factored/",
                       "ideal-stochastic/factored/", "tngd-paper/factored/", "tngd/embedded:ideal",
                       "tngd/embedded:tngd-paper")
 # Diagnostics keys added after the recording are allowed (a run may report more than it did);

@@ -30,7 +30,7 @@ bias = rng.standard_normal(n) * 0.1
 j, h = rng.standard_normal((3, n)) * 0.3, np.eye(3) * 0.5
 cases = [("noisy", {"integrator.method": "heun"}, d, bias) for d in (Dense(a), Factored(j, h, damping=0.3),
                                           Diagonal(np.linspace(0.5, 2.0, n).astype(np.float32)))]
-cases += [("ideal", {"noise.flicker_corner": 0.1, "integrator.method": "auto"}, Dense(a), bias),
+cases += [("ideal", {"noise.flicker_corner": 0.1, "integrator.method": "heun"}, Dense(a), bias),
           ("spu-8cell", {"integrator.method": "baoab"}, Dense(a), None)]  # an RLC array takes no bias
 out = []
 for profile, overrides, drift, b in cases:

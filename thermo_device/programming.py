@@ -44,6 +44,7 @@ from .dynamics import (
     underdamped_system,
 )
 from .exact import GeneralPropagator, ModalPropagator
+from .flicker_exact import FlickerModalPropagator
 from .mismatch import Chip
 from .noise import FlickerNoise
 from .profile import Profile
@@ -169,12 +170,16 @@ def _largest_z(scheme: str, tol: float) -> float:
 
 
 def needs_stepping(profile: Profile, system: object) -> bool:
-    """1/f noise makes the dynamics non-Markov in x, and an unstable drift lives only by its
-    rails: no exact propagator. Rails alone leave a symmetric drift exact where the rails are out
-    of reach (``rails.RailGuard``); a non-symmetric one keeps stepping with rails."""
-    rails = profile.range.rail > 0.0 and not isinstance(system, ModalSystem)
-    return (isinstance(system, (SteppingOnlySystem, UnstableSystem)) or rails
-            or profile.noise.flicker_corner > 0.0)
+    """An unstable drift lives only by its rails: no exact propagator. Rails alone leave a
+    symmetric drift exact where the rails are out of reach (``rails.RailGuard``); a non-symmetric
+    one keeps stepping with rails. 1/f noise is exact on a symmetric drift with isotropic noise and
+    no rails (``flicker_exact``); per-cell capacitances or rails make it step."""
+    modal = isinstance(system, ModalSystem)
+    rails = profile.range.rail > 0.0 and not modal
+    # 1/f noise is exact on a modal system with isotropic noise and no rails (flicker_exact.py)
+    flicker = profile.noise.flicker_corner > 0.0 and not (
+        modal and system.cell_scale is None and profile.range.rail == 0.0)
+    return isinstance(system, (SteppingOnlySystem, UnstableSystem)) or rails or flicker
 
 
 def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, rng: np.random.Generator,
@@ -208,7 +213,10 @@ def program(profile: Profile, pipeline: Sequence[Stage], source: ProgramSource, 
         return OverdampedStepper(real.drift, real.bias, dt, scheme, j_out=real.j_out, cap=real.cap,
                                  rail=rail, flicker=flicker.for_program(kappa(), n))
 
-    if method == "exact" and isinstance(system, ModalSystem):
+    fl = flicker.for_program(kappa(), n) if method == "exact" and isinstance(system, ModalSystem) else None
+    if fl is not None:
+        prop = FlickerModalPropagator(system, fl)  # needs_stepping: isotropic, no rails
+    elif method == "exact" and isinstance(system, ModalSystem):
         prop = ModalPropagator(system, closed_form=profile.integrator.window == "closed_form")
         if profile.range.rail > 0.0:
             # exact while the rails are out of reach, Heun with clipping when they are not
