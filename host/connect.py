@@ -21,6 +21,10 @@ def connect(address: str = "embedded", seed: int | None = None, *,
         options: DeviceClient options for a daemon (timeout, retries, restore, ...), and
             ``curve={"server_key": ..., "secret_key_file": ...}`` for a CURVE daemon
             (docs/security.md).
+
+    The device is a context manager: ``with connect(...) as dev:`` closes it on exit, normal or
+    not (for a daemon, its session: left open, a session holds the daemon's slot and, on a board
+    backend, the board itself until the daemon reclaims it as idle).
     """
     if not isinstance(address, str):
         raise InvalidInputError(f"address must be a string, got {type(address).__name__}")

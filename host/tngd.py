@@ -64,7 +64,8 @@ class TNGD:
         guard: the ``StabilityGuard`` (on by default; ``host.guard``): on a chip whose mismatch
             makes the realised drift unstable, it retries with more damping and keeps a floor.
         offset_cancel: solve with g and -g and take the half difference (cancels the cells' offsets).
-        refine: passes of iterative refinement on the host's exact residual (``TNGDCore``).
+        refine: passes of iterative refinement on the host's exact residual, or "auto" (from the
+            device's declared DAC bits; ``TNGDCore``).
         target_rel_error, min_analog_time, max_analog_time: with ``analog_time="auto"``, the readout is planned from
             the device's declared noise for this relative error of x_bar (``host.readout_plan``).
 
@@ -78,7 +79,7 @@ class TNGD:
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
                  target_rel_error: float = 0.1, min_analog_time: float = 50.0,
                  max_analog_time: float = 1e4, offset_cancel: bool = False,
-                 refine: int = 0) -> None:
+                 refine: int | str = 0) -> None:
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
                                target_rel_error=target_rel_error, min_analog_time=min_analog_time,
                                max_analog_time=max_analog_time, offset_cancel=offset_cancel,

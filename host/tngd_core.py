@@ -20,6 +20,7 @@ save, and a state with ``pending`` set is restored into the device before its ne
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -27,7 +28,14 @@ import numpy as np
 
 from protocol.device import Device, DeviceSnapshot
 from protocol.drift import Drift
-from protocol.errors import DeviceError, InvalidInputError, NotStableError, UnsupportedError
+from protocol.errors import (
+    DeviceError,
+    InvalidInputError,
+    NonFiniteError,
+    NotStableError,
+    ShapeError,
+    UnsupportedError,
+)
 
 from .adapt import DriftAdapter, device_capabilities
 from .baselines import damped
@@ -186,13 +194,17 @@ class TNGDCore:
             multiplies the relative error by about the chip's error of one solve; it aims x_bar
             at (G + lambda I)^-1 g, so it belongs with converged readouts (``analog_time="auto"``
             or a long burn-in), not with the warm-started momentum regime. One run per pass.
+            ``"auto"``: from the device's declared bias DAC (``Capabilities.dac_bits``): each pass
+            re-ranges the residual into the DAC, so a b-bit DAC gains about b bits per pass; the
+            passes are the fewest that reach ``AUTO_REFINE_BITS`` (0 for an ideal DAC or one of
+            at least that many bits: 1 for 6-11 bits, 2 for 4-5).
     """
 
     def __init__(self, device: Device, analog_time: float | str, delay: float = 0.0, burn_in: float = 0.0, *,
                  init: str = "warm", lm: LevenbergMarquardt | None = None,
                  guard: StabilityGuard | None = None, target_rel_error: float = 0.1,
                  min_analog_time: float = 50.0, max_analog_time: float = 1e4,
-                 offset_cancel: bool = False, refine: int = 0) -> None:
+                 offset_cancel: bool = False, refine: int | str = 0) -> None:
         if init not in INITS:
             raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
         self.auto = analog_time == "auto"
@@ -211,8 +223,11 @@ class TNGDCore:
         self.target_rel_error = float(target_rel_error)
         self.max_analog_time = float(max_analog_time)
         self.offset_cancel = bool(offset_cancel)
+        if refine == "auto":
+            caps = device_capabilities(device)
+            refine = auto_refine_passes(caps.dac_bits if caps is not None else 0)
         if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= 16:
-            raise InvalidInputError(f"refine must be an integer in [0, 16], got {refine!r}")
+            raise InvalidInputError(f"refine must be an integer in [0, 16] or 'auto', got {refine!r}")
         self.refine = refine
         if delay < 0.0:
             raise InvalidInputError(f"delay must be >= 0, got {delay}")
@@ -239,7 +254,7 @@ class TNGDCore:
         is the fixed one or, with ``analog_time="auto"``, planned from the declared noise.
         """
         self._restore(state.pending)
-        g = np.asarray(grad, dtype=np.float64)
+        g = _checked_grad(grad, curvature)
         guard = self.guard
         damping = max(state.damping, state.floor)
         kappa = state.kappa if state.kappa is not None else self._noise.kappa
@@ -263,7 +278,12 @@ class TNGDCore:
             # arrays (drift.damped): the curvature is not scanned for NaN a second time
             drift = self.adapt(damped(curvature, damping))
             if first:
-                self.device.state = g
+                try:
+                    self.device.state = g
+                except ShapeError as exc:  # name what the caller passed, not the device's "state"
+                    raise ShapeError(f"grad of length {g.shape[0]} cannot start the solve: the device still holds "
+                                     f"a program of another dimension ({exc}); give the optimizer a device of "
+                                     "its own, or init='reset'") from None
             elif attempt and state.start is not None:
                 self.device.state = state.start  # a retry starts where the failed attempt did
             try:
@@ -371,6 +391,33 @@ class _DeclaredNoise:
     kappa: float | None
     adc_var: float  # per-sample ADC noise variance: read noise^2 + LSB^2 / 12
     interval: float  # ADC sample interval, tau
+
+
+# Bits of the gradient that refine="auto" aims at: 2^-12 is below the noise-aware readout's
+# default target (10% of |x_bar|) by far, and a 12-bit DAC needs no pass.
+AUTO_REFINE_BITS = 12
+
+
+def auto_refine_passes(dac_bits: int) -> int:
+    """Refinement passes for a b-bit bias DAC (0: ideal): the fewest k with (k + 1) b >= AUTO_REFINE_BITS."""
+    if dac_bits <= 0 or dac_bits >= AUTO_REFINE_BITS:
+        return 0
+    return math.ceil(AUTO_REFINE_BITS / dac_bits) - 1
+
+
+def _checked_grad(grad: np.ndarray, curvature: Drift) -> np.ndarray:
+    """grad as float64, or an error that names grad: the device would report it as its "state"
+    or "bias", which the caller never set."""
+    g = np.asarray(grad, dtype=np.float64)
+    dim = getattr(curvature, "dim", None)
+    if g.ndim != 1 or (dim is not None and g.shape[0] != dim):
+        raise ShapeError(f"grad: expected a vector of length {dim} (the curvature's dimension), got shape "
+                         f"{g.shape}")
+    if not np.all(np.isfinite(g)):
+        bad = np.flatnonzero(~np.isfinite(g))
+        raise NonFiniteError(f"grad contains NaN or Inf ({bad.size} of {g.size} entries, first at index "
+                             f"{bad[0]}): the loss or its gradient overflowed; lower the learning rate")
+    return g
 
 
 def _declared_noise(device: Device) -> _DeclaredNoise:

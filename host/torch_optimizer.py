@@ -3,10 +3,10 @@
 Switching a PyTorch loop from Adam to TNGD::
 
     dev = host.connect("embedded:ideal")                                       # 1
-    opt = TNGDOptimizer(model.parameters(), dev, lr=0.01, analog_time=50.0,    # 2
-                        damping=0.01)
-    for x, y in batches:
-        loss = opt.step(model, x, y)       # 3: replaces zero_grad / loss.backward / step
+    with TNGDOptimizer(model.parameters(), dev, lr=0.01, analog_time=50.0,     # 2
+                       damping=0.01) as opt:  # closes the device (a daemon session) at the end
+        for x, y in batches:
+            loss = opt.step(model, x, y)   # 3: replaces zero_grad / loss.backward / step
 
 ``step(model, inputs, targets)`` builds the GGN factors and the gradient of the mean loss with
 torch.func (``host.curvature``), asks the device for x_bar ~ (G + lambda I)^-1 g, writes x_bar
@@ -87,6 +87,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply(self, params: dict[str, torch.Tensor], direction: np.ndarray) -> None:
+        if not direction.flags.writeable:
+            # x_bar straight off the wire is a read-only view of the reply's buffer: torch warns
+            # about wrapping one (and the slices below are cloned anyway)
+            direction = direction.copy()
         offset = 0
         for p in params.values():
             n = p.numel()
@@ -171,7 +175,7 @@ class TNGDOptimizer(CurvatureOptimizer):
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
                  target_rel_error: float = 0.1, min_analog_time: float = 50.0,
                  max_analog_time: float = 1e4, offset_cancel: bool = False,
-                 refine: int = 0) -> None:
+                 refine: int | str = 0) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
@@ -200,6 +204,17 @@ class TNGDOptimizer(CurvatureOptimizer):
         self.tngd_state = self.engine.record(self.tngd_state, curv.grad, delta, drift, curv.loss)
         return loss
 
+    def close(self) -> None:
+        """Close the device (a daemon session, which otherwise stays open and may hold a board
+        until the daemon reclaims it). Idempotent; also ``with TNGDOptimizer(...) as opt:``."""
+        self.engine.device.close()
+
+    def __enter__(self) -> TNGDOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @torch.no_grad()
     def adapt_damping(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Levenberg-Marquardt update of lambda after ``step`` on the same batch; returns rho."""
@@ -225,7 +240,8 @@ class TNGDOptimizer(CurvatureOptimizer):
         state = np.zeros(0) if dev.state is None else dev.state
         return {"steps": saved.steps, "damping": saved.damping, "floor": saved.floor, "x_norm": saved.x_norm,
                 "kappa": saved.kappa,
-                "device_state": torch.as_tensor(np.asarray(state, dtype=np.float64)),
+                # a copy: the state read off the wire is a read-only view torch warns about
+                "device_state": torch.from_numpy(np.array(state, dtype=np.float64)),
                 "device_snapshot": snapshot_to_torch(dev.snapshot)}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:

@@ -207,3 +207,18 @@ def test_refinement_removes_the_converter_error() -> None:
     assert errs[0] > 0.05 and errs[1] < errs[0] / 3 and errs[2] < errs[1] / 3, errs
     with pytest.raises(InvalidInputError):
         host.TNGD(host.connect("embedded:ideal"), lr=0.1, analog_time=5.0, damping=0.1, refine=-1)
+
+
+def test_auto_refinement_follows_the_declared_dac() -> None:
+    """refine="auto": the fewest passes for the DAC's bits to reach AUTO_REFINE_BITS, read from
+    what the device declares (an ideal DAC or a 16-bit one needs none, the noisy chip's 8 bits one)."""
+    from host.tngd_core import AUTO_REFINE_BITS, TNGDCore, auto_refine_passes
+
+    assert [auto_refine_passes(b) for b in (0, 3, 4, 5, 6, 8, 11, 12, 16)] == [0, 3, 2, 2, 1, 1, 1, 0, 0]
+    for b in range(1, AUTO_REFINE_BITS):
+        k = auto_refine_passes(b)
+        assert (k + 1) * b >= AUTO_REFINE_BITS > k * b
+    for profile, passes in (("ideal", 0), ("noisy", 1), ("tngd-paper", 0)):
+        assert TNGDCore(Emulator(load_profile(profile)), analog_time="auto", refine="auto").refine == passes
+    with pytest.raises(InvalidInputError, match="refine"):
+        TNGDCore(Emulator(load_profile("ideal")), analog_time="auto", refine="always")

@@ -4,10 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from protocol.errors import DeviceError
 from protocol.messages import Limits
+
+
+class CliError(Exception):
+    """A usage problem reported as one line on stderr with exit status 2."""
+
+
+def _bind_failure(bind: str, exc: Exception) -> str:
+    """What to do when ``bind`` cannot be bound (``exc`` from ZeroMQ)."""
+    import errno
+
+    if getattr(exc, "errno", None) == errno.EADDRINUSE:
+        return (f"{bind} is already in use (another daemon?): stop it, or pick another port, e.g. "
+                "--bind 'tcp://127.0.0.1:*' for a free one (printed on stdout)")
+    return f"cannot bind {bind} ({exc}): use tcp://HOST:PORT (e.g. tcp://127.0.0.1:5556) or ipc://PATH"
+
+
+def _unreachable(exc: DeviceError) -> str | None:
+    """A board the driver cannot reach: the one-line fix, or None for any other error."""
+    if isinstance(exc.__cause__, OSError) and not isinstance(exc.__cause__, TimeoutError) \
+            or isinstance(exc.__cause__, ConnectionError):
+        return (f"{exc}: is the board running and is the address right? Start a simulated one with "
+                "'python -m thermo_device.hardware.board_sim --port PORT' and pass "
+                "--backend-option address=127.0.0.1:PORT")
+    return None
+
+
+def _stepping_warning(profile: object) -> str | None:
+    """One line when ``profile`` time-steps its dynamics (no exact propagator), else None."""
+    from .programming import needs_stepping
+
+    method = profile.integrator.method  # type: ignore[attr-defined]
+    if method in ("euler_maruyama", "heun", "baoab") or (method == "auto" and needs_stepping(profile, None)):  # type: ignore[arg-type]
+        return (f"profile {profile.name!r} time-steps its dynamics (integrator {method}; rails or 1/f noise "  # type: ignore[attr-defined]
+                "make it non-linear): a TNGD step takes seconds, not milliseconds (ideal and tngd-paper "
+                "integrate exactly)")
+    return None
 
 
 def _overrides(pairs: list[str]) -> dict[str, object]:
@@ -62,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a profile key (repeatable)")
     serve.add_argument("--max-message-bytes", type=int, default=Limits().max_message_bytes,
                        help="largest request accepted, all frames together (default %(default)s)")
-    serve.add_argument("--max-sessions", type=int, default=Limits().max_sessions)
+    serve.add_argument("--max-sessions", type=int, default=Limits().max_sessions,
+                       help="sessions open at once (each host's connect() is one; a further open is "
+                            "refused with 'capacity' until one closes or idles out) (default %(default)s)")
     serve.add_argument("--queue-size", type=int, default=Limits().queue_size,
                        help="compute requests waiting behind a running one before 'busy'")
     serve.add_argument("--session-idle-s", type=float, default=Limits().session_idle_s,
@@ -93,6 +132,8 @@ def serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    import zmq
+
     from . import Backend, Emulator, load_profile
     from .daemon import Daemon, check_bind
 
@@ -102,12 +143,11 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("--max-message-bytes and --max-sessions must be positive, --queue-size >= 0")
     if args.blas_threads < 0:
         raise SystemExit("--blas-threads must be >= 0 (0: the BLAS library's default)")
-    if args.blas_threads:
-        from threadpoolctl import threadpool_limits
+    from .blas import set_blas_threads
 
-        # Process-wide for the daemon's life (numpy's and scipy's OpenBLAS alike): eigh, GEMM and
-        # friends split their sums by thread count, so this is part of what fixes the numbers.
-        threadpool_limits(args.blas_threads, user_api="blas")
+    # Process-wide for the daemon's life (numpy's and scipy's OpenBLAS alike): eigh, GEMM and
+    # friends split their sums by thread count, so this is part of what fixes the numbers.
+    set_blas_threads(args.blas_threads)
     security = None
     if args.curve_secret_key or args.allow_keys:
         if not (args.curve_secret_key and args.allow_keys):
@@ -116,6 +156,10 @@ def serve(args: argparse.Namespace) -> int:
         from .security import ServerSecurity
 
         security = ServerSecurity(args.curve_secret_key, args.allow_keys)
+    if args.bind.startswith("tcp://") and not re.fullmatch(r"tcp://(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):(\d{1,5}|\*)",
+                                                           args.bind):
+        raise CliError(f"--bind {args.bind!r} needs a host and a port, e.g. tcp://127.0.0.1:5555 "
+                       "(or tcp://127.0.0.1:* for a free port)")
     check_bind(args.bind, args.allow_remote, authenticated=security is not None)
     options = _plugin_options(args)
     describe = None
@@ -123,6 +167,9 @@ def serve(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile, _overrides(args.set))
         Emulator(profile, 0)  # fail at start-up, not at the first session, on a profile it cannot run
         cells = profile.device.cells
+        warning = _stepping_warning(profile)
+        if warning:
+            print(f"thermo-device: warning: {warning}", file=sys.stderr, flush=True)
 
         def factory(seed: int) -> Emulator:
             return Emulator(profile, seed)
@@ -143,7 +190,11 @@ def serve(args: argparse.Namespace) -> int:
                     queue_size=args.queue_size, session_idle_s=args.session_idle_s,
                     max_dimension=max(Limits().max_dimension, cells))
     daemon = Daemon(factory, args.bind, limits=limits, describe=describe, security=security)
-    endpoint = daemon.start()
+    try:
+        endpoint = daemon.start()
+    except zmq.ZMQError as exc:
+        # the daemon's socket did not bind: one line naming the fix, not pyzmq's traceback
+        raise CliError(_bind_failure(args.bind, exc)) from exc
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: daemon.stop())
     if security is not None:
@@ -180,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
             public, secret = keygen(args.out, args.name, force=args.force)
             print(f"public key (share it): {public}\nsecret key (keep it private): {secret}")
             return 0
+    except CliError as exc:
+        print(f"thermo-device: error: {exc}", file=sys.stderr)
+        return 2
     except DeviceError as exc:
-        print(f"thermo-device: error [{exc.code.value}]: {exc}", file=sys.stderr)
+        fix = _unreachable(exc)
+        if fix is not None:
+            print(f"thermo-device: error [unreachable]: {fix}", file=sys.stderr)
+        else:
+            print(f"thermo-device: error [{exc.code.value}]: {exc}", file=sys.stderr)
         return 2
     return 1
 

@@ -36,6 +36,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="option for the backend factory (repeatable)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # a misspelled --backend is one usage error before collection, not one failure per test
+    name = config.getoption("backend", default=None)
+    if name:
+        from thermo_device.plugins import available
+
+        known = available()
+        if name not in known:
+            raise pytest.UsageError(f"unknown backend {name!r} for --backend (known: {', '.join(sorted(known))}; "
+                                    "plugins register under the entry-point group 'thermo_device.backends')")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_spec" not in metafunc.fixturenames:
         return

@@ -420,7 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = BoardConfig(cells=args.cells, dac_bits=args.dac_bits, adc_bits=args.adc_bits,
                       coupling_bits=args.coupling_bits, kappa=args.kappa, sample_interval=args.sample_interval)
-    server = BoardServer(Board(cfg), args.host, args.port, args.idle_timeout)
+    try:
+        server = BoardServer(Board(cfg), args.host, args.port, args.idle_timeout)
+    except OSError as exc:
+        # one line naming the fix instead of socket.create_server's traceback
+        import errno
+
+        if exc.errno == errno.EADDRINUSE:
+            why = (f"port {args.port} on {args.host} is already in use (another board simulator?): stop it, "
+                   "or pick another --port (0 picks a free one, printed on stdout)")
+        else:
+            why = f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): check --host and --port"
+        print(f"board_sim: error: {why}", file=sys.stderr)
+        return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.stop())
     print(f"listening {server.address}", flush=True)
