@@ -43,7 +43,14 @@ def _flatten(d, prefix=""):
 #   other steps, so other numbers (tests/test_step_accuracy.py checks the bound).
 # * ideal-flicker/: issue 15's exact 1/f noise. A symmetric drift with 1/f noise, isotropic
 #   and without rails, is propagated exactly with per-mode poles (flicker_exact.py); it was Heun.
-CHANGED_ON_PURPOSE = ("ideal-flicker/", "noisy/", "noisy-capfree/factored/", "tngd/embedded:noisy", "spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/", "ideal/factored/",
+# * */nonsym/, ideal-stochastic/dense/, noisy-capfree/dense/ and noisy-capfree/calibrated/ (every
+#   non-symmetric realised drift on the exact path): issue 15's general exact set-up. It samples
+#   in the real eigenbasis of F (thermo_device/general_basis.py), drawing the noise through a
+#   Cholesky factor of Q in basis coordinates instead of an eigen square root of Q: the same law,
+#   other numbers (tests/test_general_exact.py checks it against Van Loan and the exact law).
+CHANGED_ON_PURPOSE = ("ideal/nonsym/", "ideal-stochastic/nonsym/", "ideal-stochastic/dense/", "tngd-paper/nonsym/",
+                      "noisy-capfree/dense/", "noisy-capfree/nonsym/", "noisy-capfree/calibrated/",
+                      "ideal-flicker/", "noisy/", "noisy-capfree/factored/", "tngd/embedded:noisy", "spu-8cell/", "spu-8cell-baoab/", "spu-8cell-em/", "ideal/factored/",
                       "ideal-stochastic/factored/", "tngd-paper/factored/", "tngd/embedded:ideal",
                       "tngd/embedded:tngd-paper")
 # Diagnostics keys added after the recording are allowed (a run may report more than it did);
