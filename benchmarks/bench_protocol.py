@@ -1,35 +1,35 @@
-"""Protocol overhead against raw pyzmq, measured in one run; writes benchmarks/results/protocol.json.
+"""Protocol overhead against raw pyzmq, measured fairly; writes benchmarks/results/protocol.json.
 
-What is measured (all over tcp loopback, daemons in separate processes started with subprocess):
+Fairness (issue 16, item 6): on a 2-vCPU machine the placement of processes alone moves a raw
+echo from ~57 to ~94 us, so each variant served by its own process is not comparable. Here ONE
+server process serves every variant from ONE ROUTER socket and thread: the daemon (a ``Daemon``
+subclass) answers DeviceClient sessions as usual, and routes the benchmark's own DEALERs by their
+routing id (``raw:``, ``scan:``, ``floor:``) to a raw echo, a raw NaN/Inf-scanning sink and the
+framing floor. The whole measurement is repeated with fresh processes (``--runs``); medians over
+runs are reported with every run, and the load average (os.getloadavg) at start and end.
 
-1. Small ``step`` round trip (N = 64, Diagonal drift, bias, duration 0.1 tau: one ADC sample)
-   through ``DeviceClient`` against
-   a. a daemon serving a *null* backend (program/run do no physics): the protocol alone, i.e.
-      client encode + daemon decode, validation (drift constructor, bias and run arguments),
-      dispatch, reply encode + client decode;
-   b. a daemon serving the Emulator (``ideal`` profile): what a host really sees;
-   c. raw pyzmq: a DEALER sending the very same request frames to a ROUTER that answers with a
-      reply of the very same bytes (no parsing);
-   d. the *floor* of the specified framing: both ends do only what any implementation of it must
-      (the client packs the same msgpack request header, the server unpacks it, views the array
-      frames with np.frombuffer, packs the same reply header; the client unpacks it and views the
-      reply arrays), with no checks, sessions or dispatch; the same with a compact header
-      (positional msgpack arrays, default arguments left out) shows what a leaner header buys.
-   All are interleaved in rounds so machine load hits them alike; median and p99.
+What is measured (tcp loopback; variants interleaved in rounds so load hits them alike):
+
+1. Small ``step`` round trip (N = 64, Diagonal drift, bias, duration 0.1 tau):
+   a. ``protocol_null_backend``: DeviceClient against a session on a *null* backend (no physics):
+      the protocol alone (client encode, daemon decode + validation + dispatch, reply encode,
+      client decode);
+   b. ``protocol_emulator``: a session on the Emulator (``ideal``): what a host really sees;
+   c. ``raw_pyzmq``: a DEALER sending the very same request bytes, answered with reply bytes of the
+      very same size, no parsing;
+   d. ``floor_same_header`` / ``floor_compact_header``: the least any implementation of the framing
+      does (pack/unpack the msgpack headers, view the arrays), with our header and a compact one.
+   Reported: median and p99 (us), ratios to raw, and ``added_us_over_raw`` (median minus raw's).
 2. Large ``program`` (Factored, J 64 x 100,000 float32 + H 64 x 64, 25.6 MB) through the client
-   against the null daemon, vs raw pyzmq sending the same J buffer zero-copy to a ROUTER that
-   views it with np.frombuffer and answers a short frame. Interleaved; median throughput.
-   The daemon reports ``compute_us`` (drift validation incl. the NaN/Inf scan of J, plus the
-   backend's no-op program); "wire" throughput subtracts it. The *floor* with validation: the raw
-   ROUTER also scans the received J for NaN/Inf (``protocol.drift.all_finite``) before answering,
-   the one check the daemon cannot skip.
-3. In process, without sockets (``in_process``): the client's encode and decode and the daemon's
-   decode-check-dispatch-encode path of that small step in a hot loop, and the NaN/Inf scan of the
-   25.6 MB J (NumPy's isfinite vs ``protocol.drift.all_finite``).
-4. Daemon RSS over 1,000 large programs (null daemon) and 1,000 small programs (Emulator
-   daemon, Dense 64).
+   (null backend) vs raw pyzmq zero-copy of the same buffers, and vs a raw sink that also scans J
+   for NaN/Inf (``floor_raw_plus_nan_scan``, the one check the daemon cannot skip). The daemon's
+   ``compute_us`` (validation incl. the scan) is reported; "wire only" subtracts it.
+   ``protocol_program_chunked``: the same program sent by ``DeviceClient.program`` with
+   ``chunk_bytes`` = 4 MiB: J in 7 row blocks, 4 in flight, each scanned on arrival (``upload``).
+3. In process, without sockets: the client's encode/decode and the daemon's path of that step.
+4. Daemon RSS over many large programs (null backend) and small Dense programs (Emulator).
 
-Run: python3 benchmarks/bench_protocol.py [--quick]
+Run: python3 benchmarks/bench_protocol.py [--quick] [--runs R]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from protocol.drift import Dense, Drift  # noqa: E402
 N_SMALL = 64
 J_SHAPE = (64, 100_000)
 RECV_TIMEOUT_MS = 60_000
+CHUNK_BYTES = 4 << 20  # the row-block size of the chunked large-program row
 
 
 # -- servers (run in subprocesses) ---------------------------------------------------------------------
@@ -121,6 +122,68 @@ def serve_null(bind: str) -> None:
     daemon.serve()
 
 
+def _null_or_emulator(cells: int = 131072) -> Any:
+    """Backend factory of the shared server: seed 0 -> NullDevice, any other seed -> Emulator."""
+    from thermo_device import Emulator, load_profile
+
+    profile = load_profile("ideal", {"device.cells": cells})
+    return lambda seed: NullDevice() if seed == 0 else Emulator(profile, seed)
+
+
+def serve_shared(bind: str) -> None:
+    """One process, one ROUTER: the daemon plus raw, scan and floor peers routed by routing id."""
+    from protocol.drift import all_finite
+    from protocol.messages import Limits
+    from thermo_device.daemon import Daemon
+
+    class SharedDaemon(Daemon):
+        raw_replies: dict[bytes, list[bytes]] = {}
+        floor_replies: dict[bytes, tuple[Any, list[np.ndarray]]] = {}
+
+        def _accept(self, frames: list[Any], *, queue_compute: bool) -> Any:
+            ident = frames[0].bytes
+            if not ident.startswith((b"raw:", b"scan:", b"floor:")):  # DeviceClients: the daemon
+                return super()._accept(frames, queue_compute=queue_compute)
+            sock = self._sock
+            assert sock is not None
+            if frames[1].bytes == b"SET":
+                if ident.startswith(b"floor:"):
+                    self.floor_replies[ident] = (msgpack.unpackb(frames[2].bytes),
+                                                 [np.frombuffer(f.bytes) for f in frames[3:]])
+                else:
+                    self.raw_replies[ident] = [f.bytes for f in frames[2:]]
+                sock.send_multipart([frames[0], b"ok"])
+            elif ident.startswith(b"floor:"):
+                _floor_answer(sock, frames, self.floor_replies[ident])
+            else:
+                if ident.startswith(b"scan:") and len(frames) > 2 and len(frames[2]) > 65536:
+                    if not all_finite(np.frombuffer(frames[2].buffer, dtype=np.float32)):
+                        sock.send_multipart([frames[0], b"nan"])
+                        return None
+                sock.send_multipart([frames[0], *self.raw_replies[ident]])
+            return None
+
+    daemon = SharedDaemon(_null_or_emulator(), bind, limits=Limits(max_dimension=1 << 20),
+                          describe={"backend": "null-or-emulator"})
+    endpoint = daemon.start()
+    print(f"serving {endpoint} instance {daemon.instance}", flush=True)
+    daemon.serve()
+
+
+def _floor_answer(sock: zmq.Socket, frames: list[Any], reply: tuple[Any, list[np.ndarray]]) -> None:
+    head, arrays = reply
+    h = msgpack.unpackb(frames[1].buffer)
+    compact = type(h) is list
+    descs = h[-1] if compact else h["arrays"]
+    for d, f in zip(descs, frames[2:], strict=True):
+        np.frombuffer(f.buffer, dtype=d[1] if compact else d["dtype"])
+    if compact:
+        head[1] = h[2]
+    else:
+        head["id"] = h["id"]
+    sock.send_multipart([frames[0], msgpack.packb(head), *arrays])
+
+
 def serve_raw(bind: str, scan: bool = False) -> None:
     """ROUTER that answers every message with the frames last given to it by a b"SET" message
     (``scan``: after checking a bulk frame for NaN/Inf as the daemon must)."""
@@ -160,27 +223,28 @@ def serve_floor(bind: str) -> None:
             replies[frames[0].bytes] = (msgpack.unpackb(frames[2].bytes), [np.frombuffer(f.bytes) for f in frames[3:]])
             sock.send_multipart([frames[0], b"ok"])
             continue
-        head, arrays = replies[frames[0].bytes]
-        h = msgpack.unpackb(frames[1].buffer)
-        compact = type(h) is list
-        descs = h[-1] if compact else h["arrays"]
-        for d, f in zip(descs, frames[2:], strict=True):
-            np.frombuffer(f.buffer, dtype=d[1] if compact else d["dtype"])
-        if compact:
-            head[1] = h[2]
-        else:
-            head["id"] = h["id"]
-        sock.send_multipart([frames[0], msgpack.packb(head), *arrays])
+        _floor_answer(sock, frames, replies[frames[0].bytes])
 
 
 # -- measurements ----------------------------------------------------------------------------------------
+
+
+def _dealer(endpoint: str, ident: bytes | None = None) -> zmq.Socket:
+    """A DEALER with a receive timeout (a dead peer fails the run, never hangs it); ``ident``
+    routes it inside the shared server (raw:, scan:, floor:)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+    if ident is not None:
+        sock.setsockopt(zmq.ROUTING_ID, ident)
+    sock.connect(endpoint)
+    return sock
 
 
 def _floor_clients(floor_ep: str, req_head: dict[str, Any], rep_head: dict[str, Any], req_arrays: list[np.ndarray],
                    rep_arrays: list[np.ndarray]) -> dict[str, Any]:
     """Round trips doing only what the framing forces (see the module docstring, 1d): with our
     header, and with a compact one (positional lists, defaults left out)."""
-    ctx = zmq.Context.instance()
     compact_req = [1, "step", 0, req_head["session"], 0, {"duration": 0.1, "drift": "diagonal"},
                    [[d["name"], d["dtype"], d["shape"]] for d in req_head["arrays"]]]
     compact_rep = [1, 0, rep_head["seq"], rep_head["instance"], "ok", rep_head["result"],
@@ -188,10 +252,7 @@ def _floor_clients(floor_ep: str, req_head: dict[str, Any], rep_head: dict[str, 
     fns = {}
     for name, req, rep in (("floor_same_header", dict(req_head), rep_head),
                            ("floor_compact_header", compact_req, compact_rep)):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
-        sock.connect(floor_ep)
+        sock = _dealer(floor_ep, f"floor:{name}".encode())
         sock.send_multipart([b"SET", msgpack.packb(rep), *rep_arrays])
         sock.recv_multipart()
         compact = type(req) is list
@@ -211,8 +272,8 @@ def _floor_clients(floor_ep: str, req_head: dict[str, Any], rep_head: dict[str, 
     return fns
 
 
-def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, floor_ep: str, rounds: int,
-               per_round: int) -> dict[str, Any]:
+def small_step(null: DeviceClient, emu: DeviceClient, ep: str, rounds: int, per_round: int) -> dict[str, Any]:
+    """Every variant against the one shared server at ``ep`` (module docstring, 1)."""
     drift = Diagonal(np.linspace(1.0, 2.0, N_SMALL))
     bias = np.ones(N_SMALL)
     kw = {"duration": 0.1}
@@ -227,11 +288,7 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, floor_ep: str
                               result=res, timing={"queue_us": 10.0, "compute_us": 50.0}), arrays)
     req_b = [f if isinstance(f, bytes) else f.tobytes() for f in req]
     rep_b = [f if isinstance(f, bytes) else f.tobytes() for f in rep]
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
-    raw.connect(raw_ep)
+    raw = _dealer(ep, b"raw:small")
     raw.send_multipart([b"SET", *rep_b])
     raw.recv_multipart()
 
@@ -243,7 +300,7 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, floor_ep: str
     req_head["id"] = 0
     fns = {"raw_pyzmq": raw_rt, "protocol_null_backend": lambda: null.step(drift, bias, **kw),
            "protocol_emulator": lambda: emu.step(drift, bias, **kw),
-           **_floor_clients(floor_ep, req_head, msgpack.unpackb(rep_b[0]), [drift.diag, bias],
+           **_floor_clients(ep, req_head, msgpack.unpackb(rep_b[0]), [drift.diag, bias],
                             [np.frombuffer(f) for f in rep_b[1:]])}
     samples: dict[str, list[int]] = {k: [] for k in fns}
     for f in fns.values():
@@ -260,11 +317,19 @@ def small_step(null: DeviceClient, emu: DeviceClient, raw_ep: str, floor_ep: str
     out = {k: stats_us(v) for k, v in samples.items()}
     out["request_bytes"] = sum(len(f) for f in req_b)
     out["reply_bytes"] = sum(len(f) for f in rep_b)
+    _ratios(out)
+    return out
+
+
+SMALL_ROWS = ("raw_pyzmq", "protocol_null_backend", "protocol_emulator", "floor_same_header", "floor_compact_header")
+
+
+def _ratios(out: dict[str, Any]) -> None:
     base = out["raw_pyzmq"]
-    for k in ("protocol_null_backend", "protocol_emulator", "floor_same_header", "floor_compact_header"):
+    for k in SMALL_ROWS[1:]:
         out[k]["median_ratio_vs_raw"] = round(out[k]["median_us"] / base["median_us"], 3)
         out[k]["p99_ratio_vs_raw"] = round(out[k]["p99_us"] / base["p99_us"], 3)
-    return out
+        out[k]["added_us_over_raw"] = round(out[k]["median_us"] - base["median_us"], 1)
 
 
 def emulator_step_compute_us(endpoint: str, n: int = 300) -> float:
@@ -281,7 +346,7 @@ def emulator_step_compute_us(endpoint: str, n: int = 300) -> float:
     return round(float(np.median(vals)), 1)
 
 
-def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> dict[str, Any]:
+def large_program(null: DeviceClient, ep: str, reps: int) -> dict[str, Any]:
     from protocol.messages import Op
 
     rng = np.random.default_rng(0)
@@ -290,14 +355,10 @@ def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> d
     drift = Factored(J, H, 0.1)
     spec, arrays = {"form": "factored", "damping": 0.1}, {"J": J, "H": H}
     nbytes = J.nbytes + H.nbytes
-    ctx = zmq.Context.instance()
     header = encode(request_header("program", 1, "x" * 32, 1, {"drift": spec}), {"J": J[:1, :1]})[0]
     socks = []
-    for ep in (raw_ep, scan_ep):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)  # a dead peer fails the run, never hangs it
-        sock.connect(ep)
+    for ident in (b"raw:big", b"scan:big"):
+        sock = _dealer(ep, ident)
         sock.send_multipart([b"SET", b"ack"])
         sock.recv_multipart()
         socks.append(sock)
@@ -307,7 +368,8 @@ def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> d
         if sock.recv_multipart() != [b"ack"]:
             raise RuntimeError("the raw peer refused J")
 
-    times: dict[str, list[float]] = {"raw": [], "scan": [], "proto": [], "compute": []}
+    times: dict[str, list[float]] = {"raw": [], "scan": [], "proto": [], "compute": [], "chunked": []}
+    chunk_default = null.chunk_bytes
     for i in range(reps + 2):
         t = time.perf_counter()
         send_raw(socks[0])
@@ -316,9 +378,15 @@ def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> d
         send_raw(socks[1])
         dt_scan = time.perf_counter() - t
         t = time.perf_counter()
-        msg = null._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)
+        msg = null._call(Op.PROGRAM, {"drift": spec}, arrays, mutating=True)  # one message
         dt_proto = time.perf_counter() - t
+        null.chunk_bytes = CHUNK_BYTES
+        t = time.perf_counter()
+        null.program(drift)  # row blocks of CHUNK_BYTES, each scanned on arrival (``upload``)
+        dt_chunked = time.perf_counter() - t
+        null.chunk_bytes = chunk_default
         if i >= 2:
+            times["chunked"].append(dt_chunked)
             times["raw"].append(dt_raw)
             times["scan"].append(dt_scan)
             times["proto"].append(dt_proto)
@@ -326,12 +394,14 @@ def large_program(null: DeviceClient, raw_ep: str, scan_ep: str, reps: int) -> d
     for sock in socks:
         sock.close(0)
     del drift
-    mr, ms, mp, mc = (float(np.median(times[k])) for k in ("raw", "scan", "proto", "compute"))
+    mr, ms, mp, mc, mk = (float(np.median(times[k])) for k in ("raw", "scan", "proto", "compute", "chunked"))
     return {
         "payload_bytes": nbytes,
         "raw_pyzmq_zero_copy": {"median_ms": round(mr * 1e3, 2), "GB_per_s": round(nbytes / mr / 1e9, 3)},
         "protocol_program": {"median_ms": round(mp * 1e3, 2), "GB_per_s": round(nbytes / mp / 1e9, 3),
                              "ratio_vs_raw": round(mr / mp, 3)},
+        "protocol_program_chunked": {"median_ms": round(mk * 1e3, 2), "GB_per_s": round(nbytes / mk / 1e9, 3),
+                                     "ratio_vs_raw": round(mr / mk, 3), "chunk_bytes": CHUNK_BYTES},
         "daemon_validation_ms": round(mc * 1e3, 2),
         "protocol_wire_only": {"median_ms": round((mp - mc) * 1e3, 2),
                                "GB_per_s": round(nbytes / (mp - mc) / 1e9, 3),
@@ -405,15 +475,71 @@ def in_process(repeats: int) -> dict[str, Any]:
     }
 
 
+def one_run(me: list[str], quick: bool, with_rss: bool) -> dict[str, Any]:
+    """Start a fresh shared server, measure small steps and large programs, stop it."""
+    rounds, per_round, reps, n_rss = (3, 200, 5, 100) if quick else (10, 500, 30, 1000)
+    proc, ep = start_server([*me, "--serve-shared", "tcp://127.0.0.1:*"])
+    try:
+        null = DeviceClient(ep, seed=0, timeout=60)
+        emu = DeviceClient(ep, seed=1, timeout=600)
+        out: dict[str, Any] = {"loadavg_start": list(os.getloadavg())}
+        out["small_step"] = small_step(null, emu, ep, rounds, per_round)
+        out["small_step"]["emulator_daemon_compute_median_us"] = emulator_step_compute_us(ep)
+        out["large_program"] = large_program(null, ep, reps)
+        if with_rss:
+            rng = np.random.default_rng(1)
+            big = Factored(rng.standard_normal(J_SHAPE, dtype=np.float32), np.eye(64, dtype=np.float32), 0.1)
+            out["daemon_rss_large_programs_null_backend"] = rss_over_programs(null, proc.pid, big, n_rss)
+            m = rng.standard_normal((64, 64))
+            out["daemon_rss_small_programs_emulator"] = rss_over_programs(
+                emu, proc.pid, Dense(m @ m.T / 64 + np.eye(64)), n_rss)
+            t = time.perf_counter()
+            emu.program(big)
+            out["emulator_large_program_end_to_end_s"] = round(time.perf_counter() - t, 3)
+        out["loadavg_end"] = list(os.getloadavg())
+        null.close()
+        emu.close()
+        return out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _median_of_runs(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Small-step and large-program rows, each statistic the median over the runs."""
+    small: dict[str, Any] = {}
+    for row in SMALL_ROWS:
+        small[row] = {k: round(float(np.median([r["small_step"][row][k] for r in runs])), 1)
+                      for k in ("median_us", "p99_us")}
+        small[row]["n"] = int(sum(r["small_step"][row]["n"] for r in runs))
+    _ratios(small)
+    for k in ("request_bytes", "reply_bytes"):
+        small[k] = runs[0]["small_step"][k]
+    small["emulator_daemon_compute_median_us"] = round(float(np.median(
+        [r["small_step"]["emulator_daemon_compute_median_us"] for r in runs])), 1)
+    large: dict[str, Any] = {"payload_bytes": runs[0]["large_program"]["payload_bytes"]}
+    for row in ("raw_pyzmq_zero_copy", "protocol_program", "protocol_program_chunked", "protocol_wire_only",
+                "floor_raw_plus_nan_scan"):
+        large[row] = {k: round(float(np.median([r["large_program"][row][k] for r in runs])), 3)
+                      for k in runs[0]["large_program"][row]}
+    large["daemon_validation_ms"] = round(float(np.median([r["large_program"]["daemon_validation_ms"]
+                                                           for r in runs])), 2)
+    return small, large
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test)")
+    ap.add_argument("--runs", type=int, default=None, help="fresh server processes (default 3; 1 with --quick)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "protocol.json"))
+    ap.add_argument("--serve-shared")
     ap.add_argument("--serve-null")
     ap.add_argument("--serve-raw")
     ap.add_argument("--serve-raw-scan")
     ap.add_argument("--serve-floor")
     args = ap.parse_args()
+    if args.serve_shared:
+        return serve_shared(args.serve_shared)
     if args.serve_null:
         return serve_null(args.serve_null)
     if args.serve_raw:
@@ -424,70 +550,53 @@ def main() -> None:
         return serve_floor(args.serve_floor)
 
     me = [sys.executable, str(Path(__file__).resolve())]
-    bind = "tcp://127.0.0.1:*"
-    procs = []
-    try:
-        raw_p, raw_ep = start_server([*me, "--serve-raw", bind])
-        scan_p, scan_ep = start_server([*me, "--serve-raw-scan", bind])
-        floor_p, floor_ep = start_server([*me, "--serve-floor", bind])
-        null_p, null_ep = start_server([*me, "--serve-null", bind])
-        emu_p, emu_ep = start_server([sys.executable, "-m", "thermo_device.cli", "serve", "--profile", "ideal", "--bind", bind,
-                               "--set", "device.cells=131072", "--log-level", "WARNING"])
-        procs = [raw_p, scan_p, floor_p, null_p, emu_p]
-        null = DeviceClient(null_ep, seed=0, timeout=60)
-        emu = DeviceClient(emu_ep, seed=0, timeout=600)
-        rounds, per_round, reps, n_rss = (3, 200, 5, 100) if args.quick else (10, 500, 30, 1000)
+    n_runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    load_start = list(os.getloadavg())
+    hot = in_process(2000 if args.quick else 20000)
+    runs = [one_run(me, args.quick, with_rss=(i == n_runs - 1)) for i in range(n_runs)]
+    small, large = _median_of_runs(runs)
+    last = runs[-1]
 
-        hot = in_process(2000 if args.quick else 20000)
-        small = small_step(null, emu, raw_ep, floor_ep, rounds, per_round)
-        small["emulator_daemon_compute_median_us"] = emulator_step_compute_us(emu_ep)
-        large = large_program(null, raw_ep, scan_ep, reps)
-        rng = np.random.default_rng(1)
-        big = Factored(rng.standard_normal(J_SHAPE, dtype=np.float32), np.eye(64, dtype=np.float32), 0.1)
-        rss_big = rss_over_programs(null, null_p.pid, big, n_rss)
-        m = rng.standard_normal((64, 64))
-        rss_small = rss_over_programs(emu, emu_p.pid, Dense(m @ m.T / 64 + np.eye(64)), n_rss)
-        t = time.perf_counter()
-        emu.program(big)
-        emu_big_program_s = time.perf_counter() - t
-        null.close()
-        emu.close()
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-    targets = {
-        "small_step_median_ratio_max": 1.25, "small_step_p99_ratio_max": 1.5, "large_program_throughput_min": 0.9,
-    }
+    # issue 16's targets: small step median <= raw + 40 us and p99 <= 2 x raw p99 (same server
+    # process, fresh runs); a 25.6 MB program with validation >= 0.9 of raw zero-copy throughput
+    targets = {"small_step_added_us_max": 40.0, "small_step_p99_ratio_max": 2.0, "large_program_throughput_min": 0.9}
     ns = small["protocol_null_backend"]
     result = {
         "what": __doc__,
+        "command": "python3 benchmarks/bench_protocol.py" + (" --quick" if args.quick else "") + f" --runs {n_runs}",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pyzmq": zmq.pyzmq_version(),
                     "libzmq": zmq.zmq_version(), "numpy": np.__version__, "transport": "tcp loopback",
-                    "loadavg_at_end": list(os.getloadavg())},
+                    "server": "one process serves raw, floor and protocol (routing id)",
+                    "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())},
         "small_step": small,
         "large_program": large,
+        "runs": runs,
         "in_process": hot,
-        "emulator_large_program_end_to_end_s": round(emu_big_program_s, 3),
-        "daemon_rss_large_programs_null_backend": rss_big,
-        "daemon_rss_small_programs_emulator": rss_small,
+        "emulator_large_program_end_to_end_s": last["emulator_large_program_end_to_end_s"],
+        "daemon_rss_large_programs_null_backend": last["daemon_rss_large_programs_null_backend"],
+        "daemon_rss_small_programs_emulator": last["daemon_rss_small_programs_emulator"],
         "targets": targets,
         "met": {
-            "small_step_median (null backend)": ns["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
+            "small_step_added_us (null backend)": ns["added_us_over_raw"] <= targets["small_step_added_us_max"],
             "small_step_p99 (null backend)": ns["p99_ratio_vs_raw"] <= targets["small_step_p99_ratio_max"],
+            "small_step_added_us (every run)": all(
+                r["small_step"]["protocol_null_backend"]["added_us_over_raw"] <= targets["small_step_added_us_max"]
+                for r in runs),
             "large_program_throughput (with validation)":
                 large["protocol_program"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
+            "large_program_throughput (chunked, with validation)":
+                large["protocol_program_chunked"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
             "large_program_throughput (wire only)":
                 large["protocol_wire_only"]["ratio_vs_raw"] >= targets["large_program_throughput_min"],
-            "rss_flat": rss_big["flat"] and rss_small["flat"],
+            "rss_flat": last["daemon_rss_large_programs_null_backend"]["flat"]
+                and last["daemon_rss_small_programs_emulator"]["flat"],
         },
         # Could any implementation of the specified framing meet the targets here? (module doc, 1d, 2)
         "floor_meets": {
-            "small_step_median (framing only, same header)":
-                small["floor_same_header"]["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
-            "small_step_median (framing only, compact header)":
-                small["floor_compact_header"]["median_ratio_vs_raw"] <= targets["small_step_median_ratio_max"],
+            "small_step_added_us (framing only, same header)":
+                small["floor_same_header"]["added_us_over_raw"] <= targets["small_step_added_us_max"],
+            "small_step_added_us (framing only, compact header)":
+                small["floor_compact_header"]["added_us_over_raw"] <= targets["small_step_added_us_max"],
             "small_step_p99 (framing only, same header)":
                 small["floor_same_header"]["p99_ratio_vs_raw"] <= targets["small_step_p99_ratio_max"],
             "large_program_throughput (raw + NaN/Inf scan)":

@@ -41,6 +41,7 @@ class CurveClientKeys:
         """``server_key``: the daemon's public key (40 Z85 characters) or its ``NAME.key`` file;
         ``secret_key_file``: this client's ``NAME.key_secret`` certificate."""
         server = _public_key(server_key)
+        secret_key_file = _expand(secret_key_file)
         try:
             public, secret = zmq.auth.load_certificate(Path(secret_key_file))
         except (OSError, ValueError) as exc:
@@ -55,7 +56,15 @@ class CurveClientKeys:
         sock.curve_secretkey = self.secret
 
 
+def _expand(path: str | os.PathLike[str]) -> str:
+    """``~`` and ``~user`` expanded: the documented examples use ``~/.thermo-ngd/...``, which only
+    a shell would expand otherwise (issue 18)."""
+    return os.path.expanduser(os.fsdecode(path))
+
+
 def _public_key(value: str | bytes | os.PathLike[str]) -> bytes:
+    if isinstance(value, str) and value.startswith("~"):  # "~" is not in the Z85 alphabet: a path
+        value = _expand(value)
     if isinstance(value, (str, bytes)) and len(value) == 40 and not os.path.exists(value):
         key = value.encode("ascii") if isinstance(value, str) else value
     else:
@@ -124,8 +133,12 @@ class HandshakeWatch:
             return
         where = f"the daemon at {self.address}"
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if not self.curve:  # a plaintext daemon refuses a connection only at its connection cap
+                raise AuthenticationError(f"{where} refused the connection (ZAP status {value}): it holds "
+                                          "max_connections already; close idle clients or retry later")
             raise AuthenticationError(f"{where} refused this client's CURVE key (ZAP status {value}): "
-                                      "its public key is not in the daemon's allow-list")
+                                      "its public key is not in the daemon's allow-list, or the daemon "
+                                      "holds max_connections already")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
             if self.curve:
                 raise AuthenticationError(f"{where} does not use CURVE, but this client does")

@@ -11,6 +11,7 @@ from .errors import (
     BusyError,
     CapacityError,
     DeviceError,
+    DeviceMismatchError,
     DeviceTimeoutError,
     ErrorCode,
     InvalidInputError,
@@ -37,6 +38,6 @@ __all__ = [
     "drift_form", "drift_matvec", "BACKEND_INTERFACE_VERSION", "Capabilities",
     "MAX_RETURNED_SAMPLES", "check_run_args",
     # the wire (protocol.codec holds the codec; it imports pyzmq, so it is not imported here)
-    "PROTOCOL_VERSION", "AuthenticationError", "BusyError", "DeviceTimeoutError", "Limits", "Op", "ProtocolError",
+    "PROTOCOL_VERSION", "AuthenticationError", "BusyError", "DeviceMismatchError", "DeviceTimeoutError", "Limits", "Op", "ProtocolError",
     "StaleRequestError", "TooLargeError", "UnknownOperationError", "UnknownSessionError", "VersionError",
 ]

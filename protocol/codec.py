@@ -44,6 +44,7 @@ from .messages import (
 
 _DTYPES = {s: np.dtype(s) for s in WIRE_DTYPES}
 _NATIVE_WIRE = frozenset(_DTYPES.values())  # dtype equality includes the byte order
+_TYPESTR = {dt: s for s, dt in _DTYPES.items()}  # dtype.str builds a new string on every call
 _VERSION = list(PROTOCOL_VERSION)
 # Session ids reach logs and error messages: a plain alphabet keeps both unforgeable.
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -84,7 +85,7 @@ def encode(header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = Non
     if arrays:
         for i, (name, value) in enumerate(arrays.items()):
             arr = wire_array(value, name)
-            descs.append({"name": name, "frame": i, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+            descs.append({"name": name, "frame": i, "dtype": _TYPESTR[arr.dtype], "shape": list(arr.shape)})
             frames.append(arr)
     header["arrays"] = descs
     frames[0] = msgpack.packb(header, use_bin_type=True)
@@ -101,9 +102,9 @@ def send(sock: zmq.Socket, frames: list[Any], envelope: Sequence[Any] = (), flag
     sock.send_multipart([*envelope, *frames], flags=flags, copy=not big)
 
 
-def _unpack_header(view: memoryview, limits: Limits) -> dict[str, Any]:
-    if view.nbytes > limits.max_header_bytes:
-        raise TooLargeError(f"header of {view.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
+def _unpack_header(view: bytes | memoryview, limits: Limits) -> dict[str, Any]:
+    if len(view) > limits.max_header_bytes:
+        raise TooLargeError(f"header of {len(view)} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
         # Explicit limits so a hostile header cannot make msgpack allocate much.
         header = msgpack.unpackb(
@@ -130,7 +131,7 @@ def check_version(header: Mapping[str, Any]) -> None:
                            f"{PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]} (major versions differ)")
 
 
-def _spec(i: int, d: Any, view: memoryview, limits: Limits,
+def _spec(i: int, d: Any, view: bytes | memoryview, limits: Limits,
           seen: set[str]) -> tuple[str, np.dtype, list[int], int]:
     """Check one array descriptor against its frame: (name, dtype, shape, element count)."""
     if type(d) is not dict:
@@ -157,23 +158,37 @@ def _spec(i: int, d: Any, view: memoryview, limits: Limits,
         if s > limits.max_dimension:
             raise TooLargeError(f"array {name}: shape {shape} has an axis above the limit {limits.max_dimension}")
         count *= s
-    if count * dt.itemsize != view.nbytes:
+    if count * dt.itemsize != len(view):
         raise ProtocolError(f"array {name}: dtype {dtype} and shape {shape} need {count * dt.itemsize} "
-                            f"bytes, its frame has {view.nbytes}")
+                            f"bytes, its frame has {len(view)}")
     return name, dt, shape, count
 
 
-def _build(spec: tuple[str, np.dtype, list[int], int], view: memoryview) -> np.ndarray:
-    """A view on a checked frame (no copy)."""
+def _build(spec: tuple[str, np.dtype, list[int], int], view: bytes | memoryview) -> np.ndarray:
+    """A view on a checked frame (no copy; a small frame received as bytes is copied into a
+    bytearray, ~20 ns, so every decoded array is writable, as views on zmq frames are)."""
     _, dt, shape, count = spec
     if count == 0:
         return np.zeros(shape, dtype=dt)
-    arr = np.frombuffer(view, dtype=dt)
+    arr = np.frombuffer(bytearray(view) if type(view) is bytes else view, dtype=dt)
     if len(shape) != 1:
         arr = arr.reshape(shape)
     if not arr.flags.aligned:  # only tiny frames stored inline by libzmq; copying them is free
         arr = arr.copy()
     return arr
+
+
+def _view(f: Any) -> bytes | memoryview:
+    """A frame's bytes without a copy for bulk frames; small frames as ``bytes`` (pyzmq caches
+    them, and making a memoryview of a zmq.Frame costs more than copying a few hundred bytes)."""
+    if type(f) is zmq.Frame:
+        return f.bytes if len(f) < _SMALL_FRAME else f.buffer
+    if type(f) is bytes:
+        return f
+    return memoryview(f).cast("B")  # any buffer (an ndarray in tests): count bytes, not items
+
+
+_SMALL_FRAME = 65536  # pyzmq's COPY_THRESHOLD: below it a copy is cheaper than tracking a view
 
 
 def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Message:
@@ -184,17 +199,17 @@ def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Mess
     """
     if not frames:
         raise ProtocolError("empty message")
-    views = [f.buffer if type(f) is zmq.Frame else memoryview(f) for f in frames]
+    views = [_view(f) for f in frames]
     # The header first (its size is bounded on its own), so even a too_large reply echoes the id.
     header = _unpack_header(views[0], limits)
     try:
         total = 0
         for v in views:
-            total += v.nbytes
+            total += len(v)
         if total > limits.max_message_bytes:
             raise TooLargeError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
-        if check:
-            check_version(header)
+        if check and (header.get("version") != _VERSION or header.get("proto") != PROTOCOL_NAME):
+            check_version(header)  # the full check (and its errors) only when not our exact version
         descs = header.get("arrays", [])
         if type(descs) is not list:
             raise ProtocolError("header.arrays must be a list")
@@ -203,6 +218,8 @@ def decode(frames: Sequence[Any], limits: Limits, *, check: bool = True) -> Mess
         if len(descs) != len(views) - 1:
             raise ProtocolError(f"header declares {len(descs)} array(s) but the message has "
                                 f"{len(views) - 1} array frame(s)")
+        if not descs:
+            return Message(header, {})
         seen: set[str] = set()
         specs = [_spec(i, d, views[i + 1], limits, seen) for i, d in enumerate(descs)]
     except DeviceError as exc:
@@ -248,6 +265,11 @@ def check_request(header: Mapping[str, Any]) -> tuple[str, int, str | None, int 
     return op, req_id, session, seq, args
 
 
+def _echo(v: Any) -> Any:
+    return v if v is None or (type(v) is int or type(v) is str) else (
+        v if isinstance(v, (int, str)) and not isinstance(v, bool) else None)
+
+
 def reply_header(request: Mapping[str, Any] | None, instance: str, *, result: dict[str, Any] | None = None,
                  error: DeviceError | None = None, timing: dict[str, float] | None = None) -> dict[str, Any]:
     """A reply echoing the request's op, id, session and seq (None when the request was unreadable).
@@ -255,13 +277,8 @@ def reply_header(request: Mapping[str, Any] | None, instance: str, *, result: di
     ``result`` must already be msgpack-native (see ``plain``).
     """
     req = request if isinstance(request, Mapping) else {}
-
-    def echo(key: str) -> Any:
-        v = req.get(key)
-        return v if v is None or isinstance(v, (int, str)) and not isinstance(v, bool) else None
-
-    head = {"proto": PROTOCOL_NAME, "version": _VERSION, "op": echo("op"), "id": echo("id"),
-            "session": echo("session"), "seq": echo("seq"), "instance": instance}
+    head = {"proto": PROTOCOL_NAME, "version": _VERSION, "op": _echo(req.get("op")), "id": _echo(req.get("id")),
+            "session": _echo(req.get("session")), "seq": _echo(req.get("seq")), "instance": instance}
     if error is None:
         head["status"] = STATUS_OK
         head["result"] = result or {}

@@ -16,6 +16,7 @@ drift is positive-stable is the device's call: it raises ``NotStableError``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,21 @@ def _dot_finite(flat: np.ndarray) -> bool:
     # overflows only sends the caller to the exact check.
     with np.errstate(over="ignore", invalid="ignore"):
         return math.isfinite(float(np.dot(flat, flat)))
+
+
+# Arrays already scanned block by block as they arrived (chunked uploads, docs/protocol.md
+# ``upload``): the constructors skip their own scan of exactly these objects. Weak: an array
+# leaves the table when it is freed, so a recycled id() can never match another object.
+_KNOWN_FINITE: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def mark_finite(arr: np.ndarray) -> None:
+    """Record that ``arr`` (a base ndarray, not written to afterwards) holds no NaN or Inf."""
+    _KNOWN_FINITE[id(arr)] = arr
+
+
+def _known_finite(arr: np.ndarray) -> bool:
+    return _KNOWN_FINITE.get(id(arr)) is arr
 
 
 def all_finite(arr: np.ndarray) -> bool:
@@ -68,7 +84,7 @@ def as_float_array(value: object, name: str, ndim: int) -> np.ndarray:
     conversion; anything else numeric is converted to float64.
     """
     if type(value) is np.ndarray and value.dtype in _FLOAT_DTYPES and value.ndim == ndim and value.size:
-        if not all_finite(value):  # the common case, a float array from the wire or the host
+        if not (_known_finite(value) or all_finite(value)):  # the common case: from the wire or the host
             raise NonFiniteError(f"{name}: contains NaN or Inf")
         return value
     try:

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"  # work queue full; retry later
     TIMEOUT = "timeout"  # no reply within the deadline (raised client-side)
     AUTH = "auth"  # the security handshake was refused (client-side)
+    DEVICE_MISMATCH = "device_mismatch"  # a restarted daemon is another device (client-side)
     INTERNAL = "internal"  # a bug in the device; the daemon keeps serving
 
 
@@ -120,6 +121,15 @@ class AuthenticationError(DeviceError, PermissionError):
 
 
 
+class DeviceMismatchError(DeviceError):
+    """After a daemon restart, the daemon now at the address is not the device the session ran on
+    (another backend, profile, chip or capabilities): restoring the analog state there would
+    silently change the numbers. Raised by the client, never sent by the daemon; the user may opt
+    in to adopting the new device (``DeviceClient(..., accept_other_device=True)``)."""
+
+    code = ErrorCode.DEVICE_MISMATCH
+
+
 class InternalError(DeviceError):
     code = ErrorCode.INTERNAL
 
@@ -130,9 +140,22 @@ _BY_CODE: dict[ErrorCode, type[DeviceError]] = {
         InvalidInputError, ShapeError, NonFiniteError, NotStableError, CapacityError, ProfileError,
         NotProgrammedError, UnsupportedError, ProtocolError, VersionError, TooLargeError,
         UnknownOperationError, UnknownSessionError, StaleRequestError, BusyError,
-        DeviceTimeoutError, AuthenticationError, InternalError,
+        DeviceTimeoutError, AuthenticationError, DeviceMismatchError, InternalError,
     )
 }
+
+# The sequence-number rule (docs/protocol.md section 5), by code alone: an error reply with one of
+# these codes means the daemon refused the request before the device saw it, so its ``seq`` stays
+# free (the corrected request may be sent again under the same ``seq``). Every other reply to a
+# mutating request (ok, or an error the device raised on its content) uses the ``seq`` up and is
+# what a retry of that ``seq`` gets. One rule a client can apply without knowing the daemon's code.
+SEQ_FREE_CODES: frozenset[ErrorCode] = frozenset({
+    ErrorCode.PROTOCOL, ErrorCode.VERSION, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_OPERATION,
+    ErrorCode.UNKNOWN_SESSION, ErrorCode.STALE_REQUEST, ErrorCode.BUSY,
+})
+# Codes the daemon never sends (the client raises them itself): the rule does not apply to them.
+CLIENT_SIDE_CODES: frozenset[ErrorCode] = frozenset({ErrorCode.TIMEOUT, ErrorCode.AUTH,
+                                                     ErrorCode.DEVICE_MISMATCH})
 
 
 def error_class(code: ErrorCode | str) -> type[DeviceError]:

@@ -12,10 +12,10 @@ from enum import StrEnum
 PROTOCOL_NAME = "thermo-ngd"
 # (major, minor): a different major is refused; a different minor is accepted and unknown fields
 # are ignored, so compatible additions bump only the minor.
-PROTOCOL_VERSION: tuple[int, int] = (1, 2)
+PROTOCOL_VERSION: tuple[int, int] = (1, 3)
 
 # Optional capabilities negotiated in ``hello`` (the daemon replies with the intersection).
-FEATURES: tuple[str, ...] = ("seq_replay", "restart_detect")
+FEATURES: tuple[str, ...] = ("seq_replay", "restart_detect", "lease", "upload")
 
 # Array dtypes allowed on the wire (NumPy typestrs; little-endian only).
 WIRE_DTYPES: tuple[str, ...] = ("<f4", "<f8", "<i4", "<i8")
@@ -38,6 +38,7 @@ class Op(StrEnum):
     RESTORE = "restore"
     STATUS = "status"
     PING = "ping"
+    UPLOAD = "upload"
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,23 @@ OPS: dict[Op, OpSpec] = {
                      ("protocol", "instance", "features", "ops", "limits", "backend", "versions"),
                      session=False, control=True),
     Op.INFO: OpSpec((), (), ("info",), session=True, control=True),
-    Op.OPEN_SESSION: OpSpec(("seed",), (), ("session", "info"), control=True),
+    Op.OPEN_SESSION: OpSpec(("seed", "lease_s"), (), ("session", "info", "lease_s"), control=True),
     Op.CLOSE_SESSION: OpSpec((), (), ("closed",), control=True),
-    Op.PROGRAM: OpSpec(("drift",), _DRIFT_ARRAYS, ()),
+    Op.PROGRAM: OpSpec(("drift", "staged"), _DRIFT_ARRAYS, ()),
     Op.RUN: OpSpec(_RUN_ARGS, (), _RUN_RESULT, _RUN_ARRAYS),
-    Op.STEP: OpSpec(("drift", *_RUN_ARGS), _DRIFT_ARRAYS, _RUN_RESULT, _RUN_ARRAYS),
+    Op.STEP: OpSpec(("drift", "staged", *_RUN_ARGS), _DRIFT_ARRAYS, _RUN_RESULT, _RUN_ARRAYS),
     Op.GET_STATE: OpSpec((), (), (), ("state",)),
     Op.SET_STATE: OpSpec((), ("state",), ()),
     Op.CALIBRATE: OpSpec((), (), ("calibration",)),
     Op.SNAPSHOT: OpSpec((), (), ("snapshot",), (ANY_ARRAYS,)),
     Op.RESTORE: OpSpec(("snapshot",), (ANY_ARRAYS,), ()),
     Op.STATUS: OpSpec((), (), ("instance", "uptime_s", "sessions", "queued", "running", "served",
-                               "errors", "session_status"), session=False, control=True),
-    Op.PING: OpSpec((), (), ("pong", "time_ns"), session=False, control=True),
+                               "errors", "memory", "connections", "session_status"), session=False,
+                     control=True),
+    Op.PING: OpSpec((), (), ("pong", "time_ns", "lease"), session=False, control=True),
+    # a row block of a large drift array, checked and written in place on arrival (no seq: writing
+    # the same rows again is harmless); program/step then name it in ``staged``
+    Op.UPLOAD: OpSpec(("name", "dtype", "shape", "offset"), ("block",), ("received", "complete"), control=True),
 }
 
 # Header keys. Requests: proto, version, op, id, session, seq, args, arrays.
@@ -90,6 +95,13 @@ REPLY_FIELDS: tuple[str, ...] = ("proto", "version", "op", "id", "session", "seq
                                  "result", "error", "timing", "arrays")
 ARRAY_FIELDS: tuple[str, ...] = ("name", "frame", "dtype", "shape")
 DRIFT_FIELDS: tuple[str, ...] = ("form", "damping")
+# Arrays a client may upload in row blocks (``upload``) and then name in program/step ``staged``.
+UPLOADABLE: tuple[str, ...] = _DRIFT_ARRAYS
+
+# Budget charges (docs/security.md, "worst-case memory"): a session's fixed cost (backend object,
+# its info, the tables) and the multiple of a program's array bytes a session keeps.
+SESSION_CHARGE_BYTES = 1 << 20
+PROGRAM_FACTOR = 5
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -106,6 +118,22 @@ class Limits:
     max_sessions: int = 64
     queue_size: int = 16  # compute jobs waiting behind the running one; more get "busy"
     session_idle_s: float = 3600.0  # an idle session is reclaimed after this long (0: never)
+    # A reply larger than this is not kept for replay (64 sessions x a 512 MiB reply would pin
+    # 32 GiB); a retry of it is told so (stale_request) instead of getting it again.
+    replay_cache_bytes: int = 1 << 20
+    # One budget for what the daemon keeps on behalf of clients: sessions (a fixed charge each),
+    # their programs (PROGRAM_FACTOR x the program's array bytes: current and previous programs
+    # and their realised copies), replay caches and the compute requests in flight. What would
+    # exceed it is refused with ``capacity`` before anything is allocated (docs/security.md).
+    memory_budget_bytes: int = 4 << 30
+    # A connection that sends nothing for this long while the daemon waits for it (ZMTP heartbeat
+    # unanswered: a stalled partial frame, a dead peer) is dropped, and its buffers freed.
+    stall_timeout_s: float = 15.0
+    # A connection must finish the ZeroMQ (and CURVE) handshake within this time.
+    handshake_timeout_s: float = 5.0
+    # Connections held at once (each client has two: requests and heartbeats); a handshake beyond
+    # it is refused (the client reports ``auth``). Bounds C in docs/security.md's formula.
+    max_connections: int = 1024
 
     def as_dict(self) -> dict[str, int | float]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

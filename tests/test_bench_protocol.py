@@ -34,15 +34,48 @@ def test_quick_run_reports_every_row(tmp_path: Path) -> None:
     for row in ("protocol_null_backend", "floor_same_header", "floor_compact_header"):
         assert small[row]["median_ratio_vs_raw"] == pytest.approx(
             small[row]["median_us"] / small["raw_pyzmq"]["median_us"], rel=1e-2)
+        assert small[row]["added_us_over_raw"] == pytest.approx(
+            small[row]["median_us"] - small["raw_pyzmq"]["median_us"], abs=0.2)
     assert large["floor_raw_plus_nan_scan"]["median_ms"] > 0
-    assert set(result["floor_meets"]) >= {"small_step_median (framing only, same header)",
+    assert set(result["floor_meets"]) >= {"small_step_added_us (framing only, same header)",
                                           "large_program_throughput (raw + NaN/Inf scan)"}
+    # fair by construction: one server process per run, every run recorded with its load
+    assert result["machine"]["server"].startswith("one process")
+    assert len(result["runs"]) == 1 and len(result["machine"]["loadavg_start"]) == 3
+    assert all(len(r["loadavg_end"]) == 3 for r in result["runs"])
 
 
-def _dealer(endpoint: str) -> zmq.Socket:
+def test_shared_server_routes_raw_floor_and_protocol_in_one_process() -> None:
+    """The raw echo, the floor and a DeviceClient session are all answered by one process."""
+    from host.client import DeviceClient
+
+    proc, ep = start_server([sys.executable, str(BENCH), "--serve-shared", "tcp://127.0.0.1:*"])
+    try:
+        raw = _dealer(ep, b"raw:t")
+        raw.send_multipart([b"SET", b"canned", b"reply"])
+        assert raw.recv_multipart() == [b"ok"]
+        raw.send_multipart([b"anything"])
+        assert raw.recv_multipart() == [b"canned", b"reply"]
+        floor = _dealer(ep, b"floor:t")
+        floor.send_multipart([b"SET", msgpack.packb({"id": None, "status": "ok"})])
+        assert floor.recv_multipart() == [b"ok"]
+        floor.send_multipart([msgpack.packb({"id": 9, "arrays": []})])
+        assert msgpack.unpackb(floor.recv_multipart()[0]) == {"id": 9, "status": "ok"}
+        with DeviceClient(ep, seed=0, timeout=30) as null:  # seed 0: the null backend
+            assert null.info()["backend"] == "null"
+        raw.close(0)
+        floor.close(0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _dealer(endpoint: str, ident: bytes | None = None) -> zmq.Socket:
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVTIMEO, 10_000)
+    if ident is not None:
+        s.setsockopt(zmq.ROUTING_ID, ident)
     s.connect(endpoint)
     return s
 

@@ -279,7 +279,8 @@ def test_wall_clock_jumps_do_not_move_deadlines(tmp_path, monkeypatch):
 def test_an_expired_lease_is_restored_by_the_client_with_its_program_and_state(tmp_path):
     d = DaemonProcess(tmp_path / "d.log", "--session-idle-s", "1.0")
     try:
-        with DeviceClient(d.endpoint, seed=3, timeout=20) as dev:
+        # no heartbeat: this client goes quiet on purpose, so that the daemon reclaims its session
+        with DeviceClient(d.endpoint, seed=3, timeout=20, heartbeat=False) as dev:
             dev.program(Dense(np.diag([1.0, 2.0, 4.0])), np.array([1.0, 2.0, 4.0]))
             first = dev.run(30.0).state  # relaxed to A^-1 b = 1 (noise kT/C: negligible)
             old = dev.session

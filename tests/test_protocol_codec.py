@@ -211,3 +211,21 @@ def test_finiteness_scan_finds_every_nan_and_inf_and_no_false_alarm(dtype, size)
             assert not all_finite(y.reshape(1, -1)[:, ::-1])  # a non-contiguous view
     with pytest.raises(DeviceError, match="NaN or Inf"):
         Factored(x.reshape(1, -1) * np.array([[np.nan]], dtype=dtype), np.eye(1, dtype=dtype))
+
+
+def test_decoded_arrays_are_writable_whatever_the_frame_type():
+    """Small frames are read as bytes (cheaper than zmq.Frame views); the arrays stay writable,
+    as an embedded device's results are."""
+    import zmq
+
+    from protocol.codec import decode as _decode
+    from protocol.codec import encode as _encode
+    from protocol.codec import request_header as _rh
+    from protocol.messages import Limits as _Limits
+
+    frames = _encode(_rh("ping", 1), {"small": np.ones(4), "big": np.ones(20_000)})
+    for wrap in (lambda f: f if isinstance(f, bytes) else f.tobytes(), lambda f: zmq.Frame(f)):
+        msg = _decode([wrap(f) for f in frames], _Limits())
+        for arr in msg.arrays.values():
+            assert arr.flags.writeable
+            arr[0] = 2.0

@@ -282,3 +282,49 @@ def test_a_session_belongs_to_the_key_that_opened_it(keys, curve_daemon):
         assert bob.status()["session_status"] is None  # not even its counters
         assert alice.status()["session_status"]["ops"] >= 2
         np.testing.assert_array_equal(alice.state, before)  # untouched
+
+
+def test_open_session_with_another_keys_id_answers_as_for_an_unknown_id(keys, curve_daemon):
+    """No oracle: opening a session id that another key uses is answered exactly like opening an
+    id never used (a new session of this key), and the other key's session is untouched."""
+    from host.security import CurveClientKeys
+
+    bob = CurveClientKeys.load(keys / "daemon.key", keys / "allow" / "bob.key_secret")
+    with host.connect(curve_daemon.endpoint, seed=1, curve=_alice(keys), timeout=TIMEOUT) as alice:
+        alice.program(Diagonal(np.ones(3)), np.ones(3))
+        before = alice.run(1.0).state
+        replies = {}
+        for label, sid in (("foreign", alice.session), ("unknown", "never-used-" + alice.session[:8])):
+            raw = Raw.__new__(Raw)
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, 5000)
+            sock.setsockopt(zmq.SNDTIMEO, 5000)
+            bob.apply(sock)
+            sock.connect(curve_daemon.endpoint)
+            raw.sock, raw.session, raw.req = sock, sid, 0
+            try:
+                opened = raw.request("open_session", seq=0, args={"seed": 9})
+                replies[label] = opened.header
+                # bob's session under that id is bob's own: programming it leaves alice's alone
+                assert raw.request("program", seq=1, args={"drift": {"form": "diagonal"}},
+                                   arrays={"diag": np.full(3, 2.0)}).header["status"] == "ok"
+                assert raw.request("close_session", seq=2).header["status"] == "ok"
+            finally:
+                raw.close()
+        for head in replies.values():
+            assert head["status"] == "ok", head
+        foreign, unknown = replies["foreign"]["result"], replies["unknown"]["result"]
+        assert foreign["info"] == unknown["info"] and foreign["lease_s"] == unknown["lease_s"]
+        np.testing.assert_array_equal(alice.state, before)
+        assert alice.run(1.0).state.shape == (3,)  # alice's session still answers
+
+
+def test_key_paths_with_a_tilde_are_expanded(keys, monkeypatch):
+    """docs/security.md's example passes "~/.thermo-ngd/..." paths from Python (issue 18 item 8)."""
+    from host.security import CurveClientKeys
+
+    monkeypatch.setenv("HOME", str(keys))
+    loaded = CurveClientKeys.load("~/daemon.key", "~/allow/alice.key_secret")
+    direct = CurveClientKeys.load(keys / "daemon.key", keys / "allow" / "alice.key_secret")
+    assert loaded == direct

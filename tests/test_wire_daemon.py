@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,9 @@ import zmq
 import host
 from host.client import DeviceClient
 from protocol import Dense, Device, Diagonal, ErrorCode, Factored
-from protocol.codec import Message, decode, encode, request_header
+from protocol.codec import request_header
 from protocol.errors import (
+    CapacityError,
     DeviceTimeoutError,
     InvalidInputError,
     NonFiniteError,
@@ -32,6 +32,8 @@ from protocol.errors import (
 )
 from protocol.messages import PROTOCOL_VERSION, Limits, Op
 from thermo_device import Emulator, load_profile
+
+from .inproc_daemon import Raw, error_code  # shared with the protocol tests (test_security imports Raw here)
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_LIMITS = Limits(max_message_bytes=1 << 34)
@@ -67,44 +69,6 @@ class DaemonProcess:
         self.proc.wait(timeout=10)
         self.proc.stdout.close()
         self.log.close()
-
-
-class Raw:
-    """A bare DEALER that sends exactly the frames a test builds."""
-
-    def __init__(self, endpoint: str, timeout_ms: int = 5000) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        self.sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # nothing in a test may block forever
-        self.sock.connect(endpoint)
-        self.session = uuid.uuid4().hex
-        self.req = 0
-
-    def ask(self, frames: list[Any]) -> Message:
-        self.sock.send_multipart(frames)
-        return decode(self.sock.recv_multipart(), READ_LIMITS, check=False)
-
-    def frames(self, op: str, *, seq: int | None = None, session: str | None = "own",
-               args: dict[str, Any] | None = None, arrays: dict[str, np.ndarray] | None = None,
-               **header: Any) -> list[Any]:
-        self.req += 1
-        h = request_header(op, self.req, self.session if session == "own" else session, seq, args)
-        out = encode(h, arrays)
-        if header:
-            h.update(header)
-            out[0] = msgpack.packb(h)
-        return [f if isinstance(f, bytes) else f.tobytes() for f in out]
-
-    def request(self, op: str, **kw: Any) -> Message:
-        return self.ask(self.frames(op, **kw))
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-def error_code(msg: Message) -> str | None:
-    return msg.header["error"]["code"] if msg.header.get("status") == "error" else None
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +119,7 @@ def test_every_operation_through_the_client(daemon, client):
     assert isinstance(client, Device)
     assert client.daemon["protocol"] == list(PROTOCOL_VERSION)
     assert set(client.daemon["ops"]) == {op.value for op in Op}
-    assert client.daemon["features"] == ["seq_replay", "restart_detect"]
+    assert client.daemon["features"] == ["seq_replay", "restart_detect", "lease", "upload"]
     assert client.instance == daemon.instance
     info = client.info()
     assert info["cells"] == load_profile("ideal").device.cells and info["seed"] == 7
@@ -386,10 +350,14 @@ def test_client_refuses_an_oversize_request_at_once_instead_of_timing_out(daemon
     # Above the daemon's hard frame guard a request would get no reply at all (test above): the
     # client knows max_message_bytes from hello and raises before sending.
     huge = Diagonal(np.ones(MAX_MESSAGE // 8 + 70_000))
+    client.chunk_bytes = None  # no row-block uploads (protocol 1.3): one message, over the limit
     t0 = time.monotonic()
     with pytest.raises(TooLargeError, match="max_message_bytes"):
         client.program(huge)
     assert time.monotonic() - t0 < TIMEOUT / 4
+    client.chunk_bytes = 32 << 20  # with uploads the array travels, and the device judges it
+    with pytest.raises(CapacityError, match="cells"):
+        client.program(huge)
     client.program(Diagonal(np.ones(3)))  # the session goes on
     assert client.run(0.2).mean.shape == (3,)
 

@@ -94,7 +94,7 @@ class RunLoop:
             state=x.copy() * scale,
             samples=out_samples * scale if req.samples else None,
             second_moment=moment * scale**2 if moment is not None else None,
-            analog_time_s=(req.delay + req.duration) * self.profile.device.tau_s,
+            analog_time_s=(delay_applied + req.duration) * self.profile.device.tau_s,  # the time it ran
             diagnostics=diag,
         )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,36 @@ from zmq.auth.thread import ThreadAuthenticator
 from protocol.errors import InvalidInputError
 
 log = logging.getLogger("thermo_device.security")
+ZAP_DOMAIN = b"thermo-ngd"
+
+
+class CappedAuthenticator(ThreadAuthenticator):
+    """A ZAP handler that first asks ``admit()`` (the daemon's connection cap), then applies the
+    usual checks (CURVE allow-list; NULL peers are admitted). libzmq has no accept-time hook: the
+    ZAP request at the end of each handshake is the first point where a connection can be refused.
+    """
+
+    def __init__(self, ctx: zmq.Context, admit: Callable[[], bool] | None = None) -> None:
+        super().__init__(ctx, log=logging.getLogger("thermo_device.security.zap"))
+        self.admit = admit
+        self.refused = 0
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if self.admit is not None and len(msg) >= 6 and not self.admit():
+            self.refused += 1
+            log.warning("event=connection_refused reason=connection_cap")
+            self._send_zap_reply(msg[1], b"400", b"too many connections")
+            return
+        await super().handle_zap_message(msg)
+
+
+def start_connection_cap(ctx: zmq.Context, sock: zmq.Socket, admit: Callable[[], bool]) -> CappedAuthenticator:
+    """Plaintext daemons: a ZAP handler for NULL connections that enforces ``admit`` only. Call
+    before bind (a socket already listening would handshake without it)."""
+    auth = CappedAuthenticator(ctx, admit)
+    auth.start()
+    sock.zap_domain = ZAP_DOMAIN  # makes libzmq ask ZAP about NULL-mechanism peers too
+    return auth
 
 
 def require_curve() -> None:
@@ -88,10 +119,11 @@ class ServerSecurity:
             # an empty allow-list would refuse everybody; that is a set-up mistake, not a policy
             raise InvalidInputError(f"allow-list {self.allow_dir} holds no client *.key certificate")
 
-    def apply(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+    def apply(self, ctx: zmq.Context, sock: zmq.Socket, admit: Callable[[], bool] | None = None) -> None:
         """Start the ZAP handler in ``ctx`` and make ``sock`` a CURVE server. Call before bind:
-        a socket that is already listening would accept handshakes with no ZAP handler."""
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("thermo_device.security.zap"))
+        a socket that is already listening would accept handshakes with no ZAP handler.
+        ``admit``: the daemon's connection cap, asked before the allow-list."""
+        auth = CappedAuthenticator(ctx, admit)
         auth.start()
         auth.configure_curve(domain="*", location=str(self.allow_dir))
         self._auth = auth
