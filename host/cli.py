@@ -128,8 +128,9 @@ def _analog_time(text: str) -> float | str:
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="digits",
-                   help="digits (MLP, quick), mnist (small CNN, 10k images), a plug-in task's name (entry-point "
-                        "group thermo_ngd.tasks) or module:callable for your own model and data (docs/tasks.md)")
+                   help="digits (MLP, quick), mnist (small CNN, 10k images), wordnet-minilm (MiniLM + LoRA; the "
+                        "lm extra), a plug-in task's name (entry-point group thermo_ngd.tasks) or module:callable "
+                        "for your own model and data (docs/tasks.md)")
     p.add_argument("--device", default="embedded:ideal", help="embedded[:profile], tcp://..., ipc://...")
     p.add_argument("--kappa", type=float, default=None, help="noise.kappa override (embedded devices)")
     p.add_argument("--overrides", default=None, help='profile overrides as JSON, e.g. \'{"noise.kappa": 1e-3}\'')
