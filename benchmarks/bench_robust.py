@@ -10,6 +10,10 @@ Configurations (``--configs``, comma-separated):
   noisy-fixed   the noisy profile, fixed t = 50 tau (guard on)
   noisy-mitigated the noisy profile, defaults plus offset cancellation and 1 refinement pass
   noisy-noguard the noisy profile, fixed t = 50 tau, guard off (what failed before)
+  noisy-no-offsets  the noisy profile without op-amp offsets (mismatch.offset_V_std = 0), defaults
+  noisy-exact-dac   the noisy profile with an exact bias DAC (dac.bits = 0), defaults
+  noisy-offset-cancel  the noisy profile, defaults plus offset cancellation (g and -g)
+  noisy-refine2     the noisy profile, defaults plus 2 passes of iterative refinement
 
     python benchmarks/bench_robust.py [--configs ideal,kappa,kappa-auto] [--seeds 0,1,2] [--steps 300]
 """
@@ -37,6 +41,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "noisy-fixed": ("embedded:noisy", None, {"analog_time": 50.0}),
     "noisy-mitigated": ("embedded:noisy", None, {"offset_cancel": True, "refine": 1}),
     "noisy-noguard": ("embedded:noisy", None, {"analog_time": 50.0, "guard": StabilityGuard(enabled=False)}),
+    "noisy-no-offsets": ("embedded:noisy", {"mismatch.offset_V_std": 0.0}, {}),
+    "noisy-exact-dac": ("embedded:noisy", {"dac.bits": 0}, {}),
+    "noisy-offset-cancel": ("embedded:noisy", None, {"offset_cancel": True}),
+    "noisy-refine2": ("embedded:noisy", None, {"refine": 2}),
 }
 
 

@@ -67,7 +67,8 @@ def _curvature_s(task: str, count: int) -> float:
 
 def measure(task: str, count: int) -> dict[str, Any]:
     batches = _batches(task, count + 1)
-    emu = Emulator(load_profile("ideal"), seed=0)
+    # one device that holds the whole model (the MNIST CNN's N = 4510 exceeds the default 4096 cells)
+    emu = Emulator(load_profile("ideal", {"device.cells": max(4096, int(batches[0][0].shape[1]))}), seed=0)
     j, h, g = batches[0]
     emu.step(Factored(j, h, DAMPING), g, ANALOG_TIME)  # compile and warm up
     natural_direction(g, Factored(j, h, DAMPING))
