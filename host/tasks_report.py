@@ -110,8 +110,9 @@ def _git_commit() -> str | None:
 
 
 def stepping_warning(device: str, overrides: dict | None) -> str | None:
-    """One line when ``device`` time-steps its dynamics (no exact propagator: rails, a stepping
-    integrator), which makes every TNGD step seconds long; None otherwise."""
+    """One line when ``device`` is likely to time-step its dynamics (a stepping integrator, or
+    ``auto`` with rails, as on the noisy profile, whose mismatch leaves no exact propagator), which
+    makes every TNGD step seconds long; None otherwise."""
     embedded = device == "embedded" or device.startswith("embedded:")
     try:
         dev = connect(device, overrides=overrides) if embedded else connect(device)

@@ -41,9 +41,9 @@ def _stepping_warning(profile: object) -> str | None:
 
     method = profile.integrator.method  # type: ignore[attr-defined]
     if method in ("euler_maruyama", "heun", "baoab") or (method == "auto" and needs_stepping(profile, None)):  # type: ignore[arg-type]
-        return (f"profile {profile.name!r} time-steps its dynamics (integrator {method}; rails or 1/f noise "  # type: ignore[attr-defined]
-                "make it non-linear): a TNGD step takes seconds, not milliseconds (ideal and tngd-paper "
-                "integrate exactly)")
+        return (f"profile {profile.name!r} time-steps its dynamics (integrator {method}; mismatched arrays, "  # type: ignore[attr-defined]
+                "per-cell capacitances, rails or 1/f noise): a TNGD step takes seconds, not milliseconds "
+                "(ideal and tngd-paper integrate exactly)")
     return None
 
 
