@@ -15,6 +15,8 @@ gains and offsets cancel to the precision of the probes (time averaging and ADC)
 Uniform temperature coefficients scale A_eff as a whole and cancel in ratios. Capacitance mismatch
 does not move the solution. Calibration covers Dense drifts of the calibrated size; Factored
 arrays would need direct access to each array's products, which the dynamics do not give.
+The offsets alone (``calibrate_offsets``: one Diagonal(1) run with b = 0) apply to every drift
+form of the calibrated size, Factored included.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from protocol.device import RunResult
-from protocol.drift import Dense, Drift
+from protocol.drift import Dense, Diagonal, Drift
 from protocol.errors import CapacityError, InvalidInputError
 
 from .realization import ProgramReport, ProgramWork
@@ -62,21 +64,29 @@ class Calibration:
     device_time: float
     temperature_K: float
 
+    @property
+    def offsets_only(self) -> bool:
+        """An offsets-only calibration (``calibrate_offsets``) holds an empty gain."""
+        return self.gain.size == 0
+
     def applies_to(self, drift: Drift) -> bool:
+        if self.offsets_only:
+            return drift.dim == self.n  # the cells' offsets do not depend on the drift's form
         return drift.form == "dense" and drift.dim == self.n
 
-    def predistort(self, drift: Dense) -> Dense:
+    def predistort(self, drift: Drift) -> Drift:
+        if self.offsets_only:
+            return drift
         return Dense.trusted(np.asarray(drift.matrix, dtype=np.float64) / self.gain)
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "gain_rel_std": float(np.std(self.gain - 1.0)),
-            "gain_rel_max": float(np.max(np.abs(self.gain - 1.0))),
-            "offset_rms": float(np.sqrt(np.mean(self.offset**2))),
-            "device_time": self.device_time,
-            "temperature_K": self.temperature_K,
-        }
+        out: dict[str, Any] = {"n": self.n, "kind": "offsets" if self.offsets_only else "full"}
+        if not self.offsets_only:
+            out["gain_rel_std"] = float(np.std(self.gain - 1.0))
+            out["gain_rel_max"] = float(np.max(np.abs(self.gain - 1.0)))
+        out.update(offset_rms=float(np.sqrt(np.mean(self.offset**2))), device_time=self.device_time,
+                   temperature_K=self.temperature_K)
+        return out
 
 
 def calibrate(device: ProbedDevice, n: int, *, duration: float, burn_in: float, probe: float) -> Calibration:
@@ -102,6 +112,23 @@ def calibrate(device: ProbedDevice, n: int, *, duration: float, burn_in: float, 
     m = np.diag(written[1:]) @ np.linalg.inv(y)
     return Calibration(n=n, gain=m / q_ref, offset=m @ x0, device_time=device.device_time,
                        temperature_K=device.temperature_K)
+
+
+def calibrate_offsets(device: ProbedDevice, n: int, *, duration: float, burn_in: float) -> Calibration:
+    """Measure the first n cells' offsets alone, with one run: Diagonal(1) and b = 0.
+
+    x_0 = D_eff^-1 o with D_eff the realised unit diagonal (coupling mismatch d_i), so o_hat = x_0
+    leaves a residual offset of about d_i o_i (plus the input gains' (1 - Gin) o): a percent of the
+    offset on a chip with percent-level mismatch, against the full calibration's N + 1 probes of a
+    Dense N x N. It applies to every drift form of size n (offsets belong to the cells).
+    """
+    cells = device.cells
+    if not 1 <= n <= cells:
+        raise CapacityError(f"calibrate: n = {n} is out of range [1, {cells}]")
+    device.program_probe(Diagonal(np.ones(n)), np.zeros(n))
+    x0 = device.run(duration, burn_in=burn_in, reset=True).mean
+    return Calibration(n=n, gain=np.ones((0, 0)), offset=np.asarray(x0, dtype=np.float64),
+                       device_time=device.device_time, temperature_K=device.temperature_K)
 
 
 # -- programming stages (``programming.STAGES``) -------------------------------------------------

@@ -29,7 +29,7 @@ from protocol.errors import InvalidInputError, NotProgrammedError, ShapeError, U
 
 from . import description
 from .backend import Backend, check_run_args
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate, calibrate_offsets
 from .converters import AdcChain
 from .dynamics import check_dimension
 from .mismatch import Chip
@@ -171,13 +171,17 @@ class Emulator(Backend):
         self._live = replace(self._live, state=arr / self._scale())
 
     def calibrate(self, n: int | None = None, *, duration: float = 3000.0, burn_in: float = 20.0,
-                  probe: float = 0.5) -> dict[str, Any]:
-        """Measure this chip's coupling gains, input gains and offsets for Dense drifts of size n.
+                  probe: float = 0.5, what: str = "full") -> dict[str, Any]:
+        """Measure this chip's coupling gains, input gains and offsets for Dense drifts of size n
+        (``what="full"``), or the offsets of n cells alone for every drift form (``"offsets"``:
+        one run, ``calibration.calibrate_offsets``).
 
-        Later Dense programs of that size are pre-distorted to cancel them (``calibration.py``).
+        Later programs of that size are pre-distorted to cancel them (``calibration.py``).
         The analog state, the programs and the 1/f state are put back afterwards; the noise
         stream and device time have moved on, as on a real chip.
         """
+        if what not in ("full", "offsets"):
+            raise InvalidInputError(f"calibrate: what must be 'full' or 'offsets', got {what!r}")
         if self.profile.device.dynamics != "overdamped":
             raise UnsupportedError("calibration is implemented for the overdamped array")
         if n is None:
@@ -188,7 +192,8 @@ class Emulator(Backend):
             raise InvalidInputError(f"calibrate: n must be an integer, got {n!r}")
         saved = self._saved_live()
         try:
-            cal = calibrate(self, int(n), duration=duration, burn_in=burn_in, probe=probe)
+            cal = (calibrate(self, int(n), duration=duration, burn_in=burn_in, probe=probe) if what == "full"
+                   else calibrate_offsets(self, int(n), duration=duration, burn_in=burn_in))
         finally:
             self._put_back(saved)
         self._calibrations[cal.n] = cal

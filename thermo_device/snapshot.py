@@ -112,8 +112,15 @@ def _present(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
     return np.array(arrays[name])  # a copy: the caller keeps its snapshot
 
 
+def _gain(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A calibration's gain array: N x N, or 0 x 0 for an offsets-only calibration."""
+    if name in arrays and np.shape(arrays[name]) == (0, 0):
+        return np.ones((0, 0))
+    return _array(arrays, name, 2)
+
+
 def _calibration(n: Any, gain: np.ndarray, offset: np.ndarray, times: Any, where: str) -> Calibration:
-    if isinstance(n, bool) or not isinstance(n, int) or gain.shape != (n, n) or offset.shape != (n,):
+    if isinstance(n, bool) or not isinstance(n, int) or gain.shape not in ((n, n), (0, 0)) or offset.shape != (n,):
         raise InvalidInputError(f"snapshot: {where} has inconsistent shapes")
     t, temp = _thermo(times, where)
     return Calibration(n, gain, offset, t, temp)
@@ -138,7 +145,7 @@ def unpack_snapshot(snapshot: Any, profile: Profile) -> Unpacked:
     if not isinstance(cal_sizes, list):
         raise InvalidInputError("snapshot: calibrations must be a list")
     for n in cal_sizes:
-        cals[n] = _calibration(n, _array(arrays, f"cal{n}.gain", 2), _array(arrays, f"cal{n}.offset", 1),
+        cals[n] = _calibration(n, _gain(arrays, f"cal{n}.gain"), _array(arrays, f"cal{n}.offset", 1),
                                meta.get(f"cal{n}"), f"calibration {n}")
     programs: list[ProgramSource | None] = []
     entries = meta.get("programs")
@@ -165,7 +172,7 @@ def unpack_snapshot(snapshot: Any, profile: Profile) -> Unpacked:
             c = e.get("cal")
             if not isinstance(c, list) or len(c) != 3:
                 raise InvalidInputError(f"snapshot: {slot} calibration is malformed")
-            cal = _calibration(c[0], _array(arrays, f"{slot}.cal_gain", 2),
+            cal = _calibration(c[0], _gain(arrays, f"{slot}.cal_gain"),
                                _array(arrays, f"{slot}.cal_offset", 1), c[1:], f"{slot} calibration")
         programs.append(ProgramSource(drift, bias, cal, bool(e.get("unit_scale", False)),
                                       pcg64_from_plain(e.get("rng"), f"snapshot: {slot}.rng"),
