@@ -184,8 +184,8 @@ def task_entry_points() -> dict[str, str]:
 DEFAULTS: dict[str, dict[str, Any]] = {
     # "auto": 50 tau when the device's declared noise lets 50 tau meet the 10 % target (the ideal
     # chip: exactly the fixed readout), a longer, planned readout otherwise (host.readout_plan)
-    "tngd": {"lr": 0.1, "analog_time": "auto", "damping": 0.01},
-    "tngd-adam": {"lr": 1e-2, "analog_time": "auto", "damping": 0.01},
+    "tngd": {"lr": 0.1, "analog_time": "auto", "damping": 0.01, "offset_cancel": "auto"},
+    "tngd-adam": {"lr": 1e-2, "analog_time": "auto", "damping": 0.01, "offset_cancel": "auto"},
     "ngd": {"lr": 0.3, "damping": 0.01},
     "ngd-cg": {"lr": 0.3, "damping": 0.01, "cg_maxiter": 20},
     "adam": {"lr": 3e-2},

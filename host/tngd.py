@@ -78,7 +78,7 @@ class TNGD:
                  momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
                  target_rel_error: float = 0.1, min_analog_time: float = 50.0,
-                 max_analog_time: float = 1e4, offset_cancel: bool = False,
+                 max_analog_time: float = 1e4, offset_cancel: bool | str = False,
                  refine: int | str = 0) -> None:
         self.engine = TNGDCore(device, analog_time, delay, burn_in, init=init, lm=lm, guard=guard,
                                target_rel_error=target_rel_error, min_analog_time=min_analog_time,

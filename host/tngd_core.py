@@ -144,6 +144,8 @@ class TNGDState:
         kappa: the noise strength in host units the device last reported, None before any.
         start: the analog state the last solve ended in (host units): where a retried solve starts.
         neg_start: with offset cancellation, where the -g run of the last solve ended (its warm start).
+        offsets: with ``offset_cancel="auto"``, whether the first solve found bias-independent
+            errors worth cancelling (None before it decides).
     """
 
     steps: int = 0
@@ -157,6 +159,7 @@ class TNGDState:
     kappa: float | None = None
     start: np.ndarray | None = None
     neg_start: np.ndarray | None = None
+    offsets: bool | None = None
 
 
 def take_snapshot(device: Device) -> DeviceSnapshot | None:
@@ -187,7 +190,11 @@ class TNGDCore:
             at least ``min_analog_time`` and at most ``max_analog_time``.
         offset_cancel: solve with g and with -g (the same drift, each run warm-starting from its
             own last state) and take the half difference: op-amp offsets and other errors that do
-            not change sign with b cancel, at twice the analog time.
+            not change sign with b cancel, at twice the analog time. ``"auto"``: on a device that
+            declares a systematic error (``Capabilities.precision`` > 0), the first solve cancels
+            and measures the bias-independent part 0.5 (x_bar(g) + x_bar(-g)); later solves keep
+            cancelling only if it exceeded OFFSET_AUTO_FACTOR x ``target_rel_error`` of the
+            half difference (more than the readout's planned noise could explain).
         refine: passes of iterative refinement: the host computes the residual r = g - A x_bar
             exactly (one product with J, H), the device solves A d = r (ranged on its own, so
             converter, mismatch and offset errors shrink with |r|), and x_bar += d. Each pass
@@ -204,7 +211,7 @@ class TNGDCore:
                  init: str = "warm", lm: LevenbergMarquardt | None = None,
                  guard: StabilityGuard | None = None, target_rel_error: float = 0.1,
                  min_analog_time: float = 50.0, max_analog_time: float = 1e4,
-                 offset_cancel: bool = False, refine: int | str = 0) -> None:
+                 offset_cancel: bool | str = False, refine: int | str = 0) -> None:
         if init not in INITS:
             raise InvalidInputError(f"init must be one of {INITS}, got {init!r}")
         self.auto = analog_time == "auto"
@@ -222,7 +229,14 @@ class TNGDCore:
         self.guard = guard if guard is not None else StabilityGuard()
         self.target_rel_error = float(target_rel_error)
         self.max_analog_time = float(max_analog_time)
-        self.offset_cancel = bool(offset_cancel)
+        if offset_cancel == "auto":
+            caps = device_capabilities(device)
+            self.offset_auto = caps is not None and caps.precision > 0.0
+            self.offset_cancel = False
+        elif isinstance(offset_cancel, bool):
+            self.offset_auto, self.offset_cancel = False, offset_cancel
+        else:
+            raise InvalidInputError(f"offset_cancel must be True, False or 'auto', got {offset_cancel!r}")
         if refine == "auto":
             caps = device_capabilities(device)
             refine = auto_refine_passes(caps.dac_bits if caps is not None else 0)
@@ -308,14 +322,22 @@ class TNGDCore:
             events.append(GuardEvent(state.steps, "margin", damping, new_floor, margin))
         x_bar = np.asarray(res.mean, dtype=np.float64)
         neg_start = state.neg_start
-        extra = self.offset_cancel or self.refine
-        if self.offset_cancel:
+        offsets = state.offsets
+        cancel = self.offset_cancel or (self.offset_auto and offsets is not False)
+        extra = cancel or self.refine
+        if cancel:
             # the same drift with -g, from the -g run's own warm start: x_bar(g) - x_bar(-g) is
             # 2 A^-1 g with the cells' offsets (and every other bias-independent error) cancelled
             self.device.state = -g if first or neg_start is None else neg_start
             neg = self.device.step(drift, -g, analog_time, burn_in=burn_in, reset=self.init_mode == "reset")
             analog_s += neg.analog_time_s
-            x_bar = 0.5 * (x_bar - np.asarray(neg.mean, dtype=np.float64))
+            x_neg = np.asarray(neg.mean, dtype=np.float64)
+            if self.offset_auto and offsets is None:
+                even = 0.5 * (x_bar + x_neg)  # what does not change sign with the bias
+                odd = 0.5 * (x_bar - x_neg)
+                offsets = bool(np.linalg.norm(even) > OFFSET_AUTO_FACTOR * self.target_rel_error
+                               * np.linalg.norm(odd))
+            x_bar = 0.5 * (x_bar - x_neg)
             neg_start = neg.state
         if self.refine:
             intended = damped(curvature, damping)  # the host's own A: exact products
@@ -336,7 +358,7 @@ class TNGDCore:
         return x_bar, replace(state, steps=state.steps + 1, pending=None, stats=stats, floor=new_floor,
                               guard_events=tuple(events), x_norm=float(np.linalg.norm(x_bar)),
                               kappa=None if kappa_now is None else float(kappa_now), start=res.state,
-                              neg_start=neg_start)
+                              neg_start=neg_start, offsets=offsets)
 
     def _restore(self, pending: DeviceCheckpoint | None) -> None:
         if pending is None:
@@ -392,6 +414,10 @@ class _DeclaredNoise:
     adc_var: float  # per-sample ADC noise variance: read noise^2 + LSB^2 / 12
     interval: float  # ADC sample interval, tau
 
+
+# offset_cancel="auto" keeps cancelling when the bias-independent part of the first solve exceeds
+# this many times the readout's target relative error (noise alone gives about 1/sqrt(2) of it).
+OFFSET_AUTO_FACTOR = 2.0
 
 # Bits of the gradient that refine="auto" aims at: 2^-12 is below the noise-aware readout's
 # default target (10% of |x_bar|) by far, and a 12-bit DAC needs no pass.

@@ -174,7 +174,7 @@ class TNGDOptimizer(CurvatureOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, loss: str = "cross_entropy", kind: str = "ggn",
                  lm: LevenbergMarquardt | None = None, guard: StabilityGuard | None = None,
                  target_rel_error: float = 0.1, min_analog_time: float = 50.0,
-                 max_analog_time: float = 1e4, offset_cancel: bool = False,
+                 max_analog_time: float = 1e4, offset_cancel: bool | str = False,
                  refine: int | str = 0) -> None:
         super().__init__(params, lr=lr, inner=inner, momentum=momentum, betas=betas, eps=eps,
                          weight_decay=weight_decay, loss=loss, kind=kind)

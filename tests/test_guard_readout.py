@@ -222,3 +222,31 @@ def test_auto_refinement_follows_the_declared_dac() -> None:
         assert TNGDCore(Emulator(load_profile(profile)), analog_time="auto", refine="auto").refine == passes
     with pytest.raises(InvalidInputError, match="refine"):
         TNGDCore(Emulator(load_profile("ideal")), analog_time="auto", refine="always")
+
+
+def test_auto_offset_cancellation_decides_from_the_first_solve() -> None:
+    """offset_cancel="auto": the noisy chip's 2 mV offsets show in the bias-independent half of
+    the first solve and cancellation stays on (two runs per solve); a chip that declares a
+    systematic error but has no offsets (tngd-paper) turns it off after the first solve; the ideal
+    chip (precision 0) never pays the second run."""
+    from host.tngd_core import TNGDCore
+
+    rng = np.random.default_rng(3)
+    j = rng.standard_normal((6, 40)) / 6.0
+    curv = host.Factored(j, np.eye(6))
+    # gradients in J's row space (as a network's mostly are), where the curvature damps them,
+    # while the offsets reach the flat directions that 1 / lambda amplifies
+    grads = [j.T @ rng.standard_normal(6) for _ in range(3)]
+    for profile, decided, runs_later in (("noisy", True, 2), ("tngd-paper", False, 1), ("ideal", None, 1)):
+        core = TNGDCore(Emulator(load_profile(profile), seed=0), analog_time=50.0, offset_cancel="auto")
+        st = core.init(0.01)
+        times = []
+        for g in grads:
+            _, st = core.solve(st, g, curv)
+            times.append(st.stats.analog_time_s)
+        assert st.offsets is decided, profile
+        tau = Emulator(load_profile(profile)).info()["tau_s"]
+        assert times[0] == pytest.approx((1 if decided is None else 2) * 50.0 * tau, rel=0.05)  # the first solve
+        assert times[-1] == pytest.approx(runs_later * 50.0 * tau, rel=0.05)
+    with pytest.raises(InvalidInputError, match="offset_cancel"):
+        TNGDCore(Emulator(load_profile("ideal")), analog_time=50.0, offset_cancel="sometimes")
