@@ -6,14 +6,18 @@ Configurations (``--configs``, comma-separated):
   kappa         noise.kappa = 1e-3 on the ideal profile, the fixed t = 50 tau (the earlier default)
   kappa-auto    the same device, TNGD defaults (analog_time "auto": the noise-aware readout)
   kappa-auto-1e5  the same with the readout's cap raised from 1e4 to 1e5 tau
-  noisy         the noisy profile, TNGD defaults (guard on, analog_time "auto")
+  noisy         the noisy profile, TNGD defaults (guard on, analog_time "auto", offset_cancel "auto")
+  noisy-no-cancel   the same with offset cancellation off (the default before offset_cancel="auto")
   noisy-fixed   the noisy profile, fixed t = 50 tau (guard on)
   noisy-mitigated the noisy profile, defaults plus offset cancellation and 1 refinement pass
   noisy-noguard the noisy profile, fixed t = 50 tau, guard off (what failed before)
-  noisy-no-offsets  the noisy profile without op-amp offsets (mismatch.offset_V_std = 0), defaults
-  noisy-exact-dac   the noisy profile with an exact bias DAC (dac.bits = 0), defaults
+  noisy-no-offsets  the noisy profile without op-amp offsets (mismatch.offset_V_std = 0), no cancellation
+  noisy-exact-dac   the noisy profile with an exact bias DAC (dac.bits = 0), no cancellation
   noisy-offset-cancel  the noisy profile, defaults plus offset cancellation (g and -g)
   noisy-refine2     the noisy profile, defaults plus 2 passes of iterative refinement
+  dacB-refineK      the ideal profile with the spec map's base (auto range) and a B-bit bias DAC,
+                    refine=K passes (B in 6, 8; K in 0, 1, 2), TNGD defaults otherwise (offset
+                    cancellation "auto"): does refinement help a coarse DAC?
 
     python benchmarks/bench_robust.py [--configs ideal,kappa,kappa-auto] [--seeds 0,1,2] [--steps 300]
 """
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from host.guard import StabilityGuard
+from host.spec_map import BASE as SPEC_MAP_BASE
 from host.tasks import train
 
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
@@ -41,10 +46,15 @@ CONFIGS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "noisy-fixed": ("embedded:noisy", None, {"analog_time": 50.0}),
     "noisy-mitigated": ("embedded:noisy", None, {"offset_cancel": True, "refine": 1}),
     "noisy-noguard": ("embedded:noisy", None, {"analog_time": 50.0, "guard": StabilityGuard(enabled=False)}),
-    "noisy-no-offsets": ("embedded:noisy", {"mismatch.offset_V_std": 0.0}, {}),
-    "noisy-exact-dac": ("embedded:noisy", {"dac.bits": 0}, {}),
+    # The attribution rows (docs/results.md) ran before offset_cancel="auto" became the default:
+    # they pin it off so that the command reproduces them.
+    "noisy-no-cancel": ("embedded:noisy", None, {"offset_cancel": False}),
+    "noisy-no-offsets": ("embedded:noisy", {"mismatch.offset_V_std": 0.0}, {"offset_cancel": False}),
+    "noisy-exact-dac": ("embedded:noisy", {"dac.bits": 0}, {"offset_cancel": False}),
     "noisy-offset-cancel": ("embedded:noisy", None, {"offset_cancel": True}),
     "noisy-refine2": ("embedded:noisy", None, {"refine": 2}),
+    **{f"dac{b}-refine{k}": ("embedded:ideal", {**SPEC_MAP_BASE, "dac.bits": b}, {"refine": k})
+       for b in (6, 8) for k in (0, 1, 2)},
 }
 
 

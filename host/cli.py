@@ -238,9 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seeds", default="0", help="comma-separated seeds (each point is their mean)")
     m.add_argument("--axes", default=None,
                    help="comma-separated subset of: " + ", ".join(a.key for a in _spec_axes()))
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TNGD option over its defaults for every run, e.g. offset_cancel=false (repeatable)")
     m.add_argument("--out", default="runs/spec_map", help="output path without extension")
     m.set_defaults(func=cmd_spec_map)
     return parser
+
+
+def _option_value(text: str) -> object:
+    """true/false, a number, or the text itself."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _spec_axes() -> tuple:
@@ -262,7 +279,13 @@ def cmd_spec_map(args: argparse.Namespace) -> int:
             raise SystemExit(f"thermo-host: unknown --axes {unknown}: choose from {[a.key for a in axes]}")
         axes = tuple(a for a in axes if a.key in wanted)
     seeds = [int(s) for s in args.seeds.split(",")]
-    result = run_map(args.task, steps=args.steps, seeds=seeds, axes=axes, progress=print)
+    options = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"thermo-host: --set wants KEY=VALUE, got {item!r}")
+        options[key.strip()] = _option_value(text.strip())
+    result = run_map(args.task, steps=args.steps, seeds=seeds, axes=axes, progress=print, options=options)
     js, png = write_map(result, Path(args.out))
     print(f"wrote {js}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
     return 0

@@ -17,7 +17,7 @@ points that must be time-stepped, the noisy profile's accuracy-bounded step. Out
 file with every run and a heat-map PNG (rows: axes, columns: levels from coarse to fine; colour:
 test-accuracy points against ideal, and the final-loss ratio). docs/results.md reads one.
 
-    thermo-host spec-map [--task digits] [--steps 150] [--seeds 0] [--out runs/spec_map]
+    thermo-host spec-map [--task digits] [--steps 150] [--seeds 0] [--set offset_cancel=false] [--out runs/spec_map]
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ def _level(value: float) -> int | float:
     return int(value) if float(value).is_integer() and value >= 1 else float(value)
 
 
-def run_point(task: str, overrides: dict[str, Any], steps: int, seed: int) -> dict[str, Any]:
-    """One TNGD training run on the ideal profile with ``overrides``; errors are results."""
+def run_point(task: str, overrides: dict[str, Any], steps: int, seed: int,
+              options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One TNGD training run on the ideal profile with ``overrides`` (and TNGD ``options`` over
+    its defaults); errors are results."""
     from .tasks import train
 
     t0 = time.perf_counter()
     try:
         rec = train(task, "tngd", steps=steps, eval_every=max(1, steps // 3), device="embedded:ideal",
-                    device_overrides={**BASE, **overrides}, seed=seed)
+                    device_overrides={**BASE, **overrides}, seed=seed, **(options or {}))
     except Exception as exc:  # noqa: BLE001 - a chip TNGD cannot train on is a point of the map
         return {"error": f"{type(exc).__name__}: {exc}"[:300], "wall_s": time.perf_counter() - t0}
     s = rec.summary()
@@ -77,16 +79,18 @@ def _mean(rows: Sequence[dict[str, Any]], key: str) -> float:
 
 
 def run_map(task: str = "digits", steps: int = 150, seeds: Sequence[int] = (0,), axes: Sequence[Axis] = AXES,
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every point of every axis over ``seeds``, plus the ideal reference; the map as a dict."""
+            progress: Callable[[str], None] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every point of every axis over ``seeds``, plus the ideal reference; the map as a dict.
+    ``options``: TNGD options over its defaults (e.g. {"offset_cancel": False}), for every run."""
     say = progress or (lambda _msg: None)
-    ideal = [run_point(task, {}, steps, s) for s in seeds]
+    opts = dict(options or {})
+    ideal = [run_point(task, {}, steps, s, opts) for s in seeds]
     say(f"ideal: loss {_mean(ideal, 'final_loss'):.4f}, test accuracy {_mean(ideal, 'test_accuracy'):.4f}")
     ref_loss, ref_acc = _mean(ideal, "final_loss"), _mean(ideal, "test_accuracy")
     points = []
     for axis in axes:
         for value in axis.levels:
-            runs = [run_point(task, {axis.key: _level(value)}, steps, s) for s in seeds]
+            runs = [run_point(task, {axis.key: _level(value)}, steps, s, opts) for s in seeds]
             loss, acc = _mean(runs, "final_loss"), _mean(runs, "test_accuracy")
             point = {"key": axis.key, "value": _level(value), "runs": runs, "final_loss": loss,
                      "test_accuracy": acc, "loss_ratio": loss / ref_loss,
@@ -95,7 +99,7 @@ def run_map(task: str = "digits", steps: int = 150, seeds: Sequence[int] = (0,),
             say(f"{axis.key} = {value}: loss x{point['loss_ratio']:.2f}, accuracy {point['accuracy_points']:+.2f} points")
     return {
         "what": "TNGD on one spec axis at a time away from the ideal chip (host/spec_map.py)",
-        "task": task, "steps": steps, "seeds": list(seeds), "base_overrides": BASE,
+        "task": task, "steps": steps, "seeds": list(seeds), "base_overrides": BASE, "tngd_options": opts,
         "ideal": {"runs": ideal, "final_loss": ref_loss, "test_accuracy": ref_acc},
         "axes": [{"key": a.key, "label": a.label, "levels": [_level(v) for v in a.levels]} for a in axes],
         "points": points,

@@ -70,8 +70,8 @@ def test_a_one_tile_pool_is_the_device_with_the_tile_seed() -> None:
     assert np.array_equal(tiled, plain)
 
 
-class _NoSnapshot:
-    """An emulator that cannot snapshot (as the register board): multiplexing keeps states only."""
+class _Wrapped:
+    """A device that forwards everything to ``inner`` (state included); subclasses change one call."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -86,6 +86,10 @@ class _NoSnapshot:
     @state.setter
     def state(self, value):
         self.inner.state = value
+
+
+class _NoSnapshot(_Wrapped):
+    """An emulator that cannot snapshot (as the register board): multiplexing keeps states only."""
 
     def snapshot(self):
         raise UnsupportedError("no snapshots on this board")
@@ -329,22 +333,12 @@ def test_tiles_time_multiplexed_on_the_register_board(tmp_path: Path) -> None:
 
 # -- failover and checkpoints (issue 14) ----------------------------------------------------------------
 
-class _Failing:
+class _Failing(_Wrapped):
     """An emulator whose ``step`` raises from its ``fail_at``-th call on (a device that died)."""
 
     def __init__(self, inner, fail_at: int) -> None:
-        self.inner, self.fail_at, self.calls = inner, fail_at, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    @property
-    def state(self):
-        return self.inner.state
-
-    @state.setter
-    def state(self, value):
-        self.inner.state = value
+        super().__init__(inner)
+        self.fail_at, self.calls = fail_at, 0
 
     def step(self, *args, **kwargs):
         self.calls += 1

@@ -14,7 +14,7 @@ def test_points_are_measured_against_the_ideal_run(monkeypatch, tmp_path) -> Non
     """Each point's loss ratio and accuracy difference are against the ideal runs (mean over seeds)."""
     calls = []
 
-    def fake(task, overrides, steps, seed):
+    def fake(task, overrides, steps, seed, options=None):
         calls.append((dict(overrides), seed))
         bits = overrides.get("dac.bits", 0)
         worse = {0: 1.0, 4: 3.0, 8: 1.5}[bits]

@@ -62,14 +62,21 @@ def _modal_window(w, decay, std, target, noise, k0, stride, total, out, total_ou
                 v += std[i] * noise[j, i]
             w[i] = v
             total[i] += v
-        g = k0 + j + 1
-        if stride > 0 and g % stride == 0:
-            out[g // stride - 1, :] = w
-        if outer:
-            for a in range(r):
-                wa = w[a]
-                for b in range(r):
-                    total_outer[a, b] += wa * w[b]
+        record_modes(w, k0 + j + 1, stride, out, total_outer, outer)
+
+
+@njit(cache=True, nogil=True)
+def record_modes(w, g, stride, out, total_outer, outer):
+    """A modal window's bookkeeping after global step g: every stride-th state into ``out``, and
+    the outer product into ``total_outer`` when ``outer`` (shared with ``flicker_exact``)."""
+    if stride > 0 and g % stride == 0:
+        out[g // stride - 1, :] = w
+    if outer:
+        r = w.shape[0]
+        for a in range(r):
+            wa = w[a]
+            for b in range(r):
+                total_outer[a, b] += wa * w[b]
 
 
 @njit(cache=True, nogil=True)

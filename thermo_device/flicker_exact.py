@@ -38,6 +38,7 @@ import scipy.linalg
 from numba import njit
 
 from .dynamics import ModalSystem
+from .exact import record_modes
 from .noise import FlickerState
 from .propagator import StepCounters, WindowResult, run_blocks
 
@@ -116,14 +117,7 @@ def _flicker_window(u, e, coef, noise, k0, stride, total, out, total_outer):
                     e[i, p] = rho[p] * e[i, p]
             u[i] = v
             total[i] += v
-        g = k0 + j + 1
-        if stride > 0 and g % stride == 0:
-            out[g // stride - 1, :] = u
-        if outer:
-            for a in range(r_n):
-                ua = u[a]
-                for b in range(r_n):
-                    total_outer[a, b] += ua * u[b]
+        record_modes(u, k0 + j + 1, stride, out, total_outer, outer)
 
 
 class FlickerModalPropagator:
